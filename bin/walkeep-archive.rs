@@ -1,0 +1,81 @@
+//! `walkeep-archive %p %f`: PostgreSQL's `archive_command`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use walkeep::archive::{archive_file, Archived};
+use walkeep::cli::{self, RepoArgs};
+use walkeep::exit::{self, ARCHIVE_FAILED, SUCCESS};
+use walkeep::{logging, object, repo::Repository};
+
+/// Stores one WAL file durably in a walkeep repository.
+///
+/// Set in postgresql.conf:  archive_command = 'walkeep-archive %p %f'
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    after_help = "Exit status: 0 once the file is durable in the repository (PostgreSQL may \
+                  then recycle it); 1 on any failure (PostgreSQL keeps the file and retries). \
+                  Never above 125, which would make PostgreSQL's archiver exit FATAL."
+)]
+struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+
+    /// zstd compression level (1 to 19). Default: compress_level in the config file, else 1.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=19))]
+    compress_level: Option<i32>,
+
+    /// Log decisions, not just the outcome.
+    #[arg(short, long)]
+    verbose: bool,
+
+    /// Path of the file to archive (%p).
+    path: PathBuf,
+
+    /// Its WAL file name (%f).
+    name: String,
+}
+
+fn run(args: Args) -> u8 {
+    if exit::fault("panic") {
+        panic!("panic forced by WALKEEP_TEST_FAULT");
+    }
+    let outcome = args.repo.resolve().and_then(|(file, location)| {
+        let level = args
+            .compress_level
+            .or(file.compress_level)
+            .unwrap_or(object::DEFAULT_LEVEL);
+        let repo = Repository::open(&location)?;
+        archive_file(&repo, &args.path, &args.name, level)
+    });
+    match outcome {
+        Ok(Archived::Stored { meta, stored_size }) => {
+            tracing::info!(
+                "archived {} ({} bytes, stored {} bytes, sha256 {})",
+                args.name,
+                meta.size,
+                stored_size,
+                &meta.sha256[..16]
+            );
+            SUCCESS
+        }
+        Ok(Archived::AlreadyStored { .. }) => {
+            tracing::info!("{} was already archived with identical content", args.name);
+            SUCCESS
+        }
+        Err(err) => {
+            cli::report(&err.context(format!("failed to archive {}", args.name)));
+            ARCHIVE_FAILED
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    exit::guard(ARCHIVE_FAILED, || {
+        let args: Args = cli::parse_or_exit(ARCHIVE_FAILED);
+        logging::init(args.verbose);
+        run(args)
+    })
+}

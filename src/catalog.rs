@@ -1,0 +1,127 @@
+//! The catalog: an index of what the repository holds, rebuildable from the objects alone.
+//!
+//! Every archived WAL file gets one JSON record appended to `catalog/wal.jsonl` after its
+//! object is durable. The catalog is never the source of truth: each object carries the
+//! same facts in its own trailer (see [`crate::object`]), archive and restore of a single
+//! file never read the catalog, and `walkeep catalog rebuild` regenerates it from the
+//! objects. A record may therefore be missing (a process killed between storing the object
+//! and appending the record) or repeated (a segment archived twice); readers fold records
+//! by name, the newest winning, and commands that must be exact (verify, expire) rebuild
+//! or list instead of trusting the index.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::Lsn;
+use crate::object::{self, ObjectMeta};
+use crate::repo::{self, Repository};
+use crate::wal::WalFileName;
+
+/// Record log of archived WAL files.
+pub const WAL_LOG: &str = "catalog/wal.jsonl";
+
+/// Version of catalog records this code writes.
+pub const RECORD_VERSION: u32 = 1;
+
+/// One archived WAL file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalRecord {
+    /// Record format version.
+    pub v: u32,
+    /// File name as PostgreSQL knows it.
+    pub name: String,
+    /// `segment`, `partial`, `history` or `backup`.
+    pub kind: String,
+    /// Timeline of the file.
+    pub timeline: u32,
+    /// First position covered (segments and partial segments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_lsn: Option<Lsn>,
+    /// Position just past the end (segments and partial segments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_lsn: Option<Lsn>,
+    /// Original size in bytes.
+    pub size: u64,
+    /// Size of the stored object in bytes.
+    pub stored_size: u64,
+    /// SHA-256 of the original bytes.
+    pub sha256: String,
+    /// Compression codec.
+    pub codec: String,
+    /// When it was archived.
+    pub archived_at: DateTime<Utc>,
+}
+
+impl WalRecord {
+    /// The record for a stored object of WAL file `name`.
+    pub fn new(name: &WalFileName, meta: &ObjectMeta, stored_size: u64) -> WalRecord {
+        WalRecord {
+            v: RECORD_VERSION,
+            name: name.to_string(),
+            kind: name.kind().to_string(),
+            timeline: name.timeline(),
+            start_lsn: meta.wal.as_ref().map(|w| w.start_lsn),
+            end_lsn: meta.wal.as_ref().map(|w| w.end_lsn),
+            size: meta.size,
+            stored_size,
+            sha256: meta.sha256.clone(),
+            codec: meta.codec.clone(),
+            archived_at: meta.created_at,
+        }
+    }
+}
+
+/// Appends the record of one archived file.
+pub fn append(repo: &Repository, record: &WalRecord) -> Result<()> {
+    let line = serde_json::to_vec(record)?;
+    repo.storage()
+        .append_record(WAL_LOG, &line)
+        .context("failed to record the file in the catalog")
+}
+
+/// Reads the catalog, folded by file name. Records this version cannot read (torn by a
+/// crash, or written by a newer walkeep) are skipped with a warning.
+pub fn load(repo: &Repository) -> Result<BTreeMap<String, WalRecord>> {
+    let mut records = BTreeMap::new();
+    for (i, raw) in repo
+        .storage()
+        .read_records(WAL_LOG)?
+        .into_iter()
+        .enumerate()
+    {
+        match serde_json::from_slice::<WalRecord>(&raw) {
+            Ok(record) if record.v == RECORD_VERSION => {
+                records.insert(record.name.clone(), record);
+            }
+            Ok(record) => {
+                tracing::warn!("catalog record {} has version {}; skipped", i + 1, record.v)
+            }
+            Err(e) => tracing::warn!("catalog record {} is unreadable ({e}); skipped", i + 1),
+        }
+    }
+    Ok(records)
+}
+
+/// Regenerates the catalog from the stored WAL objects' trailers and replaces it.
+/// Returns the number of records written.
+pub fn rebuild(repo: &Repository) -> Result<usize> {
+    let mut records = Vec::new();
+    for info in repo.storage().list("wal/")? {
+        let Some(name) = repo::wal_name_of_key(&info.key) else {
+            tracing::warn!("{} is not a WAL object; left out of the catalog", info.key);
+            continue;
+        };
+        let Some(mut reader) = repo.storage().open(&info.key)? else {
+            continue;
+        };
+        let (meta, _) = object::read_meta(reader.as_mut(), &info.key)?;
+        records.push(serde_json::to_vec(&WalRecord::new(
+            &name, &meta, info.size,
+        ))?);
+    }
+    repo.storage().rewrite_records(WAL_LOG, &records)?;
+    Ok(records.len())
+}

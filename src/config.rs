@@ -1,0 +1,122 @@
+//! Where settings come from.
+//!
+//! Each setting is taken from the first of these that gives it:
+//!
+//! 1. the command line (`--repo`, ...);
+//! 2. the environment (`WALKEEP_REPO`, ...);
+//! 3. the configuration file: `--config PATH`, else `WALKEEP_CONFIG`, else
+//!    `/etc/walkeep/walkeep.toml` if it exists. A file named explicitly must exist.
+//!
+//! The file is TOML:
+//!
+//! ```toml
+//! repo = "/var/lib/walkeep/repo"    # repository path or file:// URL
+//! compress_level = 1                # zstd level for new objects
+//! restore_on_error = "fatal"        # or "absent"; see walkeep-restore --help
+//! pgdata = "/var/lib/postgresql/15/main"
+//! conninfo = "host=/var/run/postgresql user=postgres"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// The configuration file read when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/walkeep/walkeep.toml";
+
+/// What `walkeep-restore` reports when it cannot deliver a file that may exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Exit with the fatal status: PostgreSQL stops recovery instead of promoting.
+    #[default]
+    Fatal,
+    /// Exit 1 as if the file were absent: a standby falls back to streaming replication.
+    Absent,
+}
+
+/// The configuration file's content; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Repository location.
+    pub repo: Option<String>,
+    /// zstd compression level.
+    pub compress_level: Option<i32>,
+    /// `walkeep-restore` behaviour on errors.
+    pub restore_on_error: Option<OnError>,
+    /// The cluster's data directory.
+    pub pgdata: Option<PathBuf>,
+    /// libpq connection string for the cluster.
+    pub conninfo: Option<String>,
+}
+
+impl FileConfig {
+    /// Loads the configuration file chosen by `explicit`, `WALKEEP_CONFIG` or the default.
+    pub fn load(explicit: Option<&Path>) -> Result<FileConfig> {
+        let from_env = std::env::var_os("WALKEEP_CONFIG").map(PathBuf::from);
+        let (path, must_exist) = match explicit.map(Path::to_path_buf).or(from_env) {
+            Some(path) => (path, true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                return Ok(FileConfig::default())
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("failed to read config file {}", path.display()))
+            }
+        };
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// Picks the repository location: command line, then `WALKEEP_REPO`, then the file.
+pub fn resolve_repo(cli: Option<&str>, file: &FileConfig) -> Result<String> {
+    let env = std::env::var("WALKEEP_REPO").ok().filter(|s| !s.is_empty());
+    match cli
+        .map(str::to_string)
+        .or(env)
+        .or_else(|| file.repo.clone())
+    {
+        Some(repo) => Ok(repo),
+        None => bail!(
+            "no repository given: pass --repo, set WALKEEP_REPO, or set repo in {}",
+            DEFAULT_CONFIG_PATH
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_rejects_unknown_ones() {
+        let config: FileConfig = toml::from_str(
+            "repo = \"/r\"\ncompress_level = 5\nrestore_on_error = \"absent\"\npgdata = \"/d\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.repo.as_deref(), Some("/r"));
+        assert_eq!(config.compress_level, Some(5));
+        assert_eq!(config.restore_on_error, Some(OnError::Absent));
+        assert!(toml::from_str::<FileConfig>("rep = \"/typo\"").is_err());
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        assert!(FileConfig::load(Some(Path::new("/nonexistent/walkeep.toml"))).is_err());
+    }
+
+    #[test]
+    fn command_line_wins_over_file() {
+        let file = FileConfig {
+            repo: Some("/from-file".into()),
+            ..Default::default()
+        };
+        assert_eq!(resolve_repo(Some("/from-cli"), &file).unwrap(), "/from-cli");
+    }
+}

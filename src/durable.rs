@@ -1,0 +1,305 @@
+//! Crash-safe file writes: the one place that renames files into place.
+//!
+//! The protocol, for every file walkeep publishes on a local filesystem:
+//!
+//! 1. create a temporary file with a unique name in the destination directory, opened with
+//!    `O_CREAT | O_EXCL` and owner-only permissions;
+//! 2. write the content and `fsync` the file;
+//! 3. publish it under its final name, either with `link(2)`, which fails if the name
+//!    already exists (no-clobber), or with `rename(2)`, which replaces atomically;
+//! 4. `fsync` the directory, so that the new name itself survives a crash.
+//!
+//! Until step 4 completes a reader sees either nothing or the old file, never part of the
+//! new one. A temporary file left behind by a killed process has a name no reader looks at
+//! (it starts with [`TEMP_PREFIX`]) and never blocks a later write, because every temporary
+//! name is unique.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+/// Names of temporary files start with this; listings skip them.
+pub const TEMP_PREFIX: &str = ".walkeep-tmp.";
+
+/// Permissions for files walkeep creates: owner read and write only.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Permissions for directories walkeep creates: owner only.
+pub const DIR_MODE: u32 = 0o700;
+
+/// `fsync`s a directory, making the names created or removed in it durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let handle =
+        File::open(dir).with_context(|| format!("failed to open directory {}", dir.display()))?;
+    handle
+        .sync_all()
+        .with_context(|| format!("failed to fsync directory {}", dir.display()))
+}
+
+/// Creates `dir` and any missing parents with owner-only permissions, and makes each new
+/// entry durable by syncing the directory that holds it.
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => {}
+        // Another process made it meanwhile; it syncs its own parent.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("failed to create directory {}", dir.display()))
+        }
+    }
+    if let Some(parent) = parent {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// How publishing a file ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// The file is now durable under its final name.
+    Created,
+    /// A no-clobber publish found the name taken; nothing was changed.
+    AlreadyExists,
+}
+
+/// A file being written under a unique temporary name, removed unless published.
+#[derive(Debug)]
+pub struct TempFile {
+    file: Option<File>,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl TempFile {
+    /// Creates a new temporary file in `dir`, for content that will be published as
+    /// `final_name` in that directory.
+    pub fn new_in(dir: &Path, final_name: &str) -> Result<TempFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let unique = format!(
+            "{TEMP_PREFIX}{final_name}.{}.{nanos}.{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(unique);
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&path)
+            .with_context(|| format!("failed to create temporary file {}", path.display()))?;
+        Ok(TempFile {
+            file: Some(file),
+            path,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The temporary path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file.
+    pub fn file(&mut self) -> &mut File {
+        self.file
+            .as_mut()
+            .expect("temporary file is open until published")
+    }
+
+    /// Flushes the content to stable storage and publishes it as `final_path` without ever
+    /// replacing an existing file. `final_path` must be in the temporary file's directory.
+    pub fn publish_no_clobber(mut self, final_path: &Path) -> Result<Published> {
+        self.sync()?;
+        let outcome = match fs::hard_link(&self.path, final_path) {
+            Ok(()) => Published::Created,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Published::AlreadyExists,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "failed to publish {} as {}",
+                        self.path.display(),
+                        final_path.display()
+                    )
+                })
+            }
+        };
+        self.remove_temp()?;
+        fsync_dir(&self.dir)?;
+        Ok(outcome)
+    }
+
+    /// Flushes the content to stable storage and publishes it as `final_path`, atomically
+    /// replacing any file of that name.
+    pub fn publish_replace(mut self, final_path: &Path) -> Result<()> {
+        self.sync()?;
+        fs::rename(&self.path, final_path).with_context(|| {
+            format!(
+                "failed to rename {} to {}",
+                self.path.display(),
+                final_path.display()
+            )
+        })?;
+        self.file = None;
+        fsync_dir(&self.dir)
+    }
+
+    /// Publishes as `final_path` by rename without any fsync. Only for files whose
+    /// durability another party guarantees (PostgreSQL syncs the WAL it restores and keeps).
+    pub fn publish_replace_unsynced(mut self, final_path: &Path) -> Result<()> {
+        self.file().flush()?;
+        fs::rename(&self.path, final_path).with_context(|| {
+            format!(
+                "failed to rename {} to {}",
+                self.path.display(),
+                final_path.display()
+            )
+        })?;
+        self.file = None;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        let file = self.file();
+        file.flush()
+            .with_context(|| format!("failed to write {}", path.display()))?;
+        file.sync_all()
+            .with_context(|| format!("failed to fsync {}", path.display()))
+    }
+
+    fn remove_temp(&mut self) -> Result<()> {
+        self.file = None;
+        fs::remove_file(&self.path)
+            .with_context(|| format!("failed to remove temporary file {}", self.path.display()))
+    }
+}
+
+impl Write for TempFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file().flush()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes `content` to `path` durably, replacing any existing file.
+pub fn write_replace(path: &Path, content: &[u8]) -> Result<()> {
+    let (dir, name) = split(path)?;
+    let mut temp = TempFile::new_in(dir, name)?;
+    temp.write_all(content)
+        .with_context(|| format!("failed to write {}", temp.path().display()))?;
+    temp.publish_replace(path)
+}
+
+/// Writes `content` to `path` durably unless `path` exists already.
+pub fn write_no_clobber(path: &Path, content: &[u8]) -> Result<Published> {
+    let (dir, name) = split(path)?;
+    let mut temp = TempFile::new_in(dir, name)?;
+    temp.write_all(content)
+        .with_context(|| format!("failed to write {}", temp.path().display()))?;
+    temp.publish_no_clobber(path)
+}
+
+fn split(path: &Path) -> Result<(&Path, &str)> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    Ok((dir, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(TEMP_PREFIX))
+            .collect()
+    }
+
+    #[test]
+    fn no_clobber_keeps_the_first_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        assert_eq!(write_no_clobber(&path, b"one").unwrap(), Published::Created);
+        assert_eq!(
+            write_no_clobber(&path, b"two").unwrap(),
+            Published::AlreadyExists
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn replace_swaps_content_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        write_replace(&path, b"one").unwrap();
+        write_replace(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert!(leftovers(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn dropped_temp_file_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut temp = TempFile::new_in(dir.path(), "a").unwrap();
+        temp.write_all(b"partial").unwrap();
+        drop(temp);
+        assert!(leftovers(dir.path()).is_empty());
+        assert!(!dir.path().join("a").exists());
+    }
+
+    #[test]
+    fn stale_temp_file_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}a.1.2.0")), b"junk").unwrap();
+        write_no_clobber(&dir.path().join("a"), b"one").unwrap();
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn files_and_dirs_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("x/y");
+        create_dir_all(&sub).unwrap();
+        write_replace(&sub.join("f"), b"1").unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sub), DIR_MODE);
+        assert_eq!(mode(&sub.join("f")), FILE_MODE);
+    }
+}

@@ -1,0 +1,25 @@
+//! walkeep: durable, verified WAL archiving, base backups and point-in-time recovery for
+//! PostgreSQL.
+//!
+//! The binaries are thin: `walkeep-archive` calls [`archive`], `walkeep-restore` calls
+//! [`fetch`], and `walkeep` drives the rest. Everything they share lives here:
+//!
+//! - [`wal`] and [`lsn`]: PostgreSQL's WAL names, segment headers and positions;
+//! - [`storage`]: where objects live, behind a trait an object store can implement;
+//! - [`durable`]: the one place that writes files crash-safely;
+//! - [`object`]: the stored-object format (zstd plus a checksummed trailer);
+//! - [`repo`] and [`catalog`]: the repository's identity, layout and index.
+
+pub mod archive;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod durable;
+pub mod exit;
+pub mod fetch;
+pub mod logging;
+pub mod lsn;
+pub mod object;
+pub mod repo;
+pub mod storage;
+pub mod wal;
