@@ -11,6 +11,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
 
 use crate::catalog::{self, WalRecord};
 use crate::exit;
@@ -128,7 +129,12 @@ fn check_content(
             header
                 .check_segment(segment, &repo.identity().expectation())
                 .with_context(|| format!("refusing {name}"))?;
-            Ok(Some(segment_meta(segment, &header, expected)?))
+            let modified = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(DateTime::<Utc>::from);
+            Ok(Some(segment_meta(segment, &header, expected, modified)?))
         }
         WalFileName::History(_) | WalFileName::BackupHistory(..) => {
             // Both are short text files written by PostgreSQL itself.
@@ -155,13 +161,19 @@ fn check_content(
     }
 }
 
-fn segment_meta(segment: &SegmentName, header: &LongPageHeader, size: u64) -> Result<WalMeta> {
+fn segment_meta(
+    segment: &SegmentName,
+    header: &LongPageHeader,
+    size: u64,
+    last_written: Option<DateTime<Utc>>,
+) -> Result<WalMeta> {
     let start = segment.start_lsn(size)?;
     Ok(WalMeta {
         timeline: segment.timeline,
         start_lsn: start,
         end_lsn: crate::lsn::Lsn(start.0 + size),
         system_identifier: header.system_identifier,
+        last_written,
     })
 }
 

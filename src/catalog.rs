@@ -43,6 +43,9 @@ pub struct WalRecord {
     /// Position just past the end (segments and partial segments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_lsn: Option<Lsn>,
+    /// When PostgreSQL last wrote the segment (segments and partial segments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_written: Option<DateTime<Utc>>,
     /// Original size in bytes.
     pub size: u64,
     /// Size of the stored object in bytes.
@@ -65,6 +68,7 @@ impl WalRecord {
             timeline: name.timeline(),
             start_lsn: meta.wal.as_ref().map(|w| w.start_lsn),
             end_lsn: meta.wal.as_ref().map(|w| w.end_lsn),
+            last_written: meta.wal.as_ref().and_then(|w| w.last_written),
             size: meta.size,
             stored_size,
             sha256: meta.sha256.clone(),

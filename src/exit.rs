@@ -29,6 +29,11 @@ pub const RESTORE_ABSENT: u8 = 1;
 /// 128 + N, which reads as death by signal N.
 pub const RESTORE_FATAL: u8 = 200;
 
+// PostgreSQL's contract, checked when compiling.
+const _: () = assert!(ARCHIVE_FAILED > 0 && ARCHIVE_FAILED <= 125);
+const _: () = assert!(RESTORE_ABSENT > 0 && RESTORE_ABSENT <= 125);
+const _: () = assert!(RESTORE_FATAL > 192);
+
 /// `walkeep` subcommands: the command failed or found a problem.
 pub const FAILURE: u8 = 1;
 
@@ -58,14 +63,6 @@ pub fn fault(point: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn statuses_keep_postgres_contract() {
-        assert!(ARCHIVE_FAILED > 0 && ARCHIVE_FAILED <= 125);
-        assert!(RESTORE_ABSENT > 0 && RESTORE_ABSENT <= 125);
-        assert!(RESTORE_FATAL > 125);
-        assert!(!(126..=192).contains(&RESTORE_FATAL));
-    }
 
     #[test]
     fn panic_becomes_chosen_status() {

@@ -11,6 +11,7 @@
 //! - [`repo`] and [`catalog`]: the repository's identity, layout and index.
 
 pub mod archive;
+pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -19,7 +20,11 @@ pub mod exit;
 pub mod fetch;
 pub mod logging;
 pub mod lsn;
+pub mod manifest;
 pub mod object;
+pub mod pg;
+pub mod points;
 pub mod repo;
 pub mod storage;
+pub mod timeline;
 pub mod wal;

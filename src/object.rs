@@ -66,6 +66,11 @@ pub struct WalMeta {
     pub end_lsn: Lsn,
     /// System identifier from the segment header.
     pub system_identifier: u64,
+    /// When PostgreSQL last wrote the file: every WAL record written before this instant
+    /// lies in this segment or an earlier one. The recovery planner uses it to tell
+    /// whether the archive reaches a target time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_written: Option<DateTime<Utc>>,
 }
 
 /// What an object's trailer says about its content.

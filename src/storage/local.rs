@@ -89,7 +89,7 @@ impl LocalStorage {
             if !existed {
                 durable::fsync_dir(path.parent().expect("log has a parent"))?;
             }
-            file.lock_exclusive()
+            FileExt::lock_exclusive(&file)
                 .with_context(|| format!("failed to lock {}", path.display()))?;
             let current = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
             let locked = file.metadata()?;
@@ -281,9 +281,9 @@ impl Storage for LocalStorage {
             .open(&path)
             .with_context(|| format!("failed to open lock file {}", path.display()))?;
         let locked = if exclusive {
-            file.lock_exclusive()
+            FileExt::lock_exclusive(&file)
         } else {
-            file.lock_shared()
+            FileExt::lock_shared(&file)
         };
         locked.with_context(|| format!("failed to lock {}", path.display()))?;
         Ok(Box::new(FileLock(file)))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, as the README documents it: formatting, lints, then every
+# target's tests, integration tests against real PostgreSQL 15 clusters included.
+#
+# Two test threads at a time: the machines have two cores and each cluster is heavy.
+# RUST_TEST_THREADS, not `-- --test-threads=2`: cargo passes arguments after `--` to every
+# target, and criterion benchmarks (run once each by `cargo test`) reject that flag.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --all-targets
