@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use walkeep::cli::{self, RepoArgs};
 use walkeep::exit::{self, FAILURE, SUCCESS, USAGE};
-use walkeep::{backup, catalog, logging, object, points, repo::Repository};
+use walkeep::recovery::{self, parse_target_time, Target, TimelineChoice};
+use walkeep::{backup, catalog, logging, manifest, object, points, repo::Repository};
 
 /// Base backups, point-in-time recovery and repository care for PostgreSQL.
 #[derive(Parser, Debug)]
@@ -37,6 +38,16 @@ enum Command {
     },
     /// Take a physical base backup of a running cluster.
     Backup(BackupArgs),
+    /// Restore a base backup into a new data directory, set up for point-in-time recovery.
+    Restore(RestoreArgs),
+    /// List backups and the recovery window of each timeline.
+    Info {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a named restore point and record it.
     Mark {
         #[command(flatten)]
@@ -94,6 +105,59 @@ struct BackupArgs {
     json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("target_kind").multiple(false)))]
+struct RestoreArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The new data directory. It must be empty or absent (see --force).
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Stop at this moment; it must carry a UTC offset or zone, e.g. "2026-12-03
+    /// 17:55:00+00".
+    #[arg(long, group = "target_kind", value_name = "TIME")]
+    target_time: Option<String>,
+    /// Stop at this WAL position, e.g. 0/3000158.
+    #[arg(long, group = "target_kind", value_name = "LSN")]
+    target_lsn: Option<String>,
+    /// Stop at the commit of this transaction.
+    #[arg(long, group = "target_kind", value_name = "XID")]
+    target_xid: Option<u64>,
+    /// Stop at this named restore point.
+    #[arg(long, group = "target_kind", value_name = "NAME")]
+    target_name: Option<String>,
+    /// `immediate`: stop as soon as the backup is consistent.
+    #[arg(long, group = "target_kind", value_parser = ["immediate"])]
+    target: Option<String>,
+    /// What PostgreSQL does at the target. Default: PostgreSQL's own (pause).
+    #[arg(long, value_enum)]
+    target_action: Option<walkeep::restore::TargetAction>,
+    /// Timeline to follow: `latest`, `current` or a number. Default: latest.
+    #[arg(long, default_value = "latest")]
+    target_timeline: String,
+    /// Whether to stop just after (true) or just before (false) the target.
+    #[arg(long, value_name = "BOOL")]
+    inclusive: Option<bool>,
+    /// Write standby.signal instead of recovery.signal.
+    #[arg(long)]
+    standby: bool,
+    /// Restore this backup instead of the one the planner picks.
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
+    /// Files restored at once. Default: the number of cores.
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Delete the contents of a non-empty target directory first.
+    #[arg(long)]
+    force: bool,
+    /// Restore the tablespace at OLDDIR into NEWDIR instead.
+    #[arg(long, value_name = "OLDDIR=NEWDIR")]
+    tablespace_mapping: Vec<String>,
+    /// Only plan: print what would be restored and check the WAL, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Checkpoint {
     Fast,
@@ -107,6 +171,163 @@ fn pgdata_of(given: Option<PathBuf>, file: &walkeep::config::FileConfig) -> Resu
         .context(
             "no data directory given: pass --pgdata, set PGDATA, or set pgdata in the config file",
         )
+}
+
+fn jobs(given: Option<usize>) -> usize {
+    given.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+}
+
+fn target_of(args: &RestoreArgs) -> Result<Target> {
+    Ok(if let Some(t) = &args.target_time {
+        let t = parse_target_time(t)?;
+        println!(
+            "target time resolves to {}",
+            t.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S%.6f UTC")
+        );
+        Target::Time(t)
+    } else if let Some(l) = &args.target_lsn {
+        Target::Lsn(l.parse()?)
+    } else if let Some(x) = args.target_xid {
+        Target::Xid(x)
+    } else if let Some(n) = &args.target_name {
+        Target::Name(n.clone())
+    } else if args.target.is_some() {
+        Target::Immediate
+    } else {
+        Target::End
+    })
+}
+
+fn timeline_of(text: &str) -> Result<TimelineChoice> {
+    Ok(match text {
+        "latest" => TimelineChoice::Latest,
+        "current" => TimelineChoice::Current,
+        n => TimelineChoice::Id(
+            n.parse()
+                .with_context(|| format!("invalid timeline {n:?}"))?,
+        ),
+    })
+}
+
+fn restore(args: RestoreArgs) -> Result<()> {
+    let (_, location) = args.repo.resolve()?;
+    let repo = Repository::open(&location)?;
+    let target = target_of(&args)?;
+    let timeline = timeline_of(&args.target_timeline)?;
+    if args.dry_run {
+        let plan = recovery::plan(&repo, &target, timeline, args.backup.as_deref())?;
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(());
+    }
+    let mut mapping = std::collections::BTreeMap::new();
+    for pair in &args.tablespace_mapping {
+        let (old, new) = pair
+            .split_once('=')
+            .with_context(|| format!("expected OLDDIR=NEWDIR, got {pair:?}"))?;
+        mapping.insert(old.to_string(), PathBuf::from(new));
+    }
+    let options = walkeep::restore::RestoreOptions {
+        to: args.to,
+        target,
+        timeline,
+        backup: args.backup,
+        action: args.target_action,
+        inclusive: args.inclusive,
+        standby: args.standby,
+        force: args.force,
+        jobs: jobs(args.jobs),
+        tablespace_mapping: mapping,
+        restore_command: walkeep::restore::restore_command_for(&location),
+        progress: true,
+    };
+    let began = std::time::Instant::now();
+    let plan = walkeep::restore::run(&repo, &options)?;
+    println!(
+        "restored backup {} to {} in {:.1} s; on start PostgreSQL replays WAL from {} \
+         along timeline {} to {}",
+        plan.backup_id,
+        options.to.display(),
+        began.elapsed().as_secs_f64(),
+        plan.first_segment,
+        plan.timeline,
+        plan.target
+    );
+    Ok(())
+}
+
+fn info(repo: RepoArgs, json: bool) -> Result<()> {
+    let (_, location) = repo.resolve()?;
+    let repo = Repository::open(&location)?;
+    let backups = manifest::list(&repo)?;
+    let windows = recovery::windows(&repo)?;
+    if json {
+        let backups: Vec<_> = backups
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "id": b.id, "timeline": b.timeline,
+                    "start_lsn": b.start_lsn, "stop_lsn": b.stop_lsn,
+                    "start_time": b.start_time, "stop_time": b.stop_time,
+                    "size": b.size, "stored_size": b.stored_size, "files": b.files.len(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "repository": location,
+            "system_identifier": repo.identity().system_identifier,
+            "pg_major_version": repo.identity().pg_major_version,
+            "backups": backups,
+            "recovery_windows": windows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let id = repo.identity();
+    println!(
+        "repository {location}: system {}, PostgreSQL {}",
+        id.system_identifier, id.pg_major_version
+    );
+    println!();
+    println!(
+        "{:<18} {:>3}  {:<12} {:<12} {:<20} {:>10} {:>10}",
+        "BACKUP", "TLI", "START LSN", "STOP LSN", "STOPPED (UTC)", "SIZE", "STORED"
+    );
+    for b in &backups {
+        println!(
+            "{:<18} {:>3}  {:<12} {:<12} {:<20} {:>10} {:>10}",
+            b.id,
+            b.timeline,
+            b.start_lsn.to_string(),
+            b.stop_lsn.to_string(),
+            b.stop_time.format("%Y-%m-%d %H:%M:%S"),
+            backup::human_bytes(b.size),
+            backup::human_bytes(b.stored_size)
+        );
+    }
+    if backups.is_empty() {
+        println!("(no backups)");
+    }
+    println!();
+    println!("recovery window:");
+    for w in &windows {
+        let latest_time = w.latest_time.map_or("?".to_string(), |t| {
+            t.format("%Y-%m-%d %H:%M:%S").to_string()
+        });
+        println!(
+            "  timeline {}: from {} ({} UTC, end of backup {}) to {} ({} UTC)",
+            w.timeline,
+            w.earliest_lsn,
+            w.earliest_time.format("%Y-%m-%d %H:%M:%S"),
+            w.backup_id,
+            w.latest_lsn,
+            latest_time
+        );
+    }
+    if windows.is_empty() {
+        println!("  (none: no backup with all of its WAL)");
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -173,6 +394,8 @@ fn run(command: Command) -> Result<()> {
                 );
             }
         }
+        Command::Restore(args) => restore(args)?,
+        Command::Info { repo, json } => info(repo, json)?,
         Command::Mark {
             repo,
             conninfo,

@@ -15,12 +15,11 @@
 //! A backup interrupted anywhere before step 5 is invisible, and the next backup removes
 //! what it left.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fs;
 use std::io::BufReader;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +30,7 @@ use tokio_postgres::Client;
 use crate::lsn::Lsn;
 use crate::manifest::{self, DirEntry, FileEntry, Manifest, Tablespace, MANIFEST_FORMAT};
 use crate::object;
+use crate::parallel;
 use crate::pg;
 use crate::repo::{self, Repository};
 use crate::storage::Commit;
@@ -425,36 +425,14 @@ fn copy_files(
         .map(|m| m.len())
         .sum();
     let bar = progress_bar(total, options.progress);
-    let queue = Mutex::new(VecDeque::from(sources));
-    let results = Mutex::new(Vec::new());
-    let jobs = options.jobs.max(1);
-    std::thread::scope(|scope| -> Result<()> {
-        let workers: Vec<_> = (0..jobs)
-            .map(|_| {
-                scope.spawn(|| -> Result<()> {
-                    loop {
-                        let Some(source) = queue.lock().unwrap().pop_front() else {
-                            return Ok(());
-                        };
-                        if let Some(entry) = copy_one(repo, id, &source, options.level)? {
-                            bar.inc(entry.size);
-                            results.lock().unwrap().push(entry);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            if let Err(e) = worker.join().expect("copy worker panicked") {
-                // Stop the other workers at their next file.
-                queue.lock().unwrap().clear();
-                return Err(e);
-            }
+    let mut files = parallel::map(sources, options.jobs, |source| {
+        let entry = copy_one(repo, id, &source, options.level)?;
+        if let Some(entry) = &entry {
+            bar.inc(entry.size);
         }
-        Ok(())
+        Ok(entry)
     })?;
     bar.finish_and_clear();
-    let mut files = results.into_inner().unwrap();
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }
