@@ -420,8 +420,17 @@ fn run(command: Command) -> Result<()> {
         } => {
             let (_, location) = repo.resolve()?;
             let repo = Repository::open(&location)?;
-            let count = catalog::rebuild(&repo)?;
-            println!("catalog rebuilt: {count} WAL files");
+            let rebuilt = catalog::rebuild(&repo)?;
+            println!("catalog rebuilt: {} WAL files", rebuilt.records);
+            if !rebuilt.damaged.is_empty() {
+                for (key, why) in &rebuilt.damaged {
+                    eprintln!("left out, damaged: {key}: {why}");
+                }
+                anyhow::bail!(
+                    "{} damaged objects left out of the catalog",
+                    rebuilt.damaged.len()
+                );
+            }
         }
     }
     Ok(())

@@ -109,10 +109,22 @@ pub fn load(repo: &Repository) -> Result<BTreeMap<String, WalRecord>> {
     Ok(records)
 }
 
-/// Regenerates the catalog from the stored WAL objects' trailers and replaces it.
-/// Returns the number of records written.
-pub fn rebuild(repo: &Repository) -> Result<usize> {
+/// What a rebuild found.
+#[derive(Debug, Default)]
+pub struct Rebuilt {
+    /// Records written.
+    pub records: usize,
+    /// Objects left out because their trailer is unreadable, with the reason.
+    pub damaged: Vec<(String, String)>,
+}
+
+/// Regenerates the catalog from the stored WAL objects' trailers and replaces it. A damaged
+/// object is left out and reported rather than stopping the rebuild: the rest of the
+/// catalog is still worth having, and `walkeep verify` names the damage.
+pub fn rebuild(repo: &Repository) -> Result<Rebuilt> {
     let mut records = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let mut damaged = Vec::new();
     for info in repo.storage().list("wal/")? {
         let Some(name) = repo::wal_name_of_key(&info.key) else {
             tracing::warn!("{} is not a WAL object; left out of the catalog", info.key);
@@ -121,11 +133,30 @@ pub fn rebuild(repo: &Repository) -> Result<usize> {
         let Some(mut reader) = repo.storage().open(&info.key)? else {
             continue;
         };
-        let (meta, _) = object::read_meta(reader.as_mut(), &info.key)?;
-        records.push(serde_json::to_vec(&WalRecord::new(
-            &name, &meta, info.size,
-        ))?);
+        match object::read_meta(reader.as_mut(), &info.key) {
+            Ok((meta, _)) => {
+                names.insert(name.to_string());
+                records.push(serde_json::to_vec(&WalRecord::new(
+                    &name, &meta, info.size,
+                ))?);
+            }
+            Err(e) if object::is_corrupt(&e) => damaged.push((info.key, format!("{e:#}"))),
+            Err(e) => return Err(e),
+        }
     }
-    repo.storage().rewrite_records(WAL_LOG, &records)?;
-    Ok(records.len())
+    let count = records.len();
+    repo.storage().rewrite_records(WAL_LOG, &mut |current| {
+        // Keep what an archiver appended after the listing above.
+        for raw in current {
+            let name = serde_json::from_slice::<WalRecord>(&raw).map(|r| r.name);
+            if name.is_ok_and(|n| !names.contains(&n)) {
+                records.push(raw);
+            }
+        }
+        Ok(std::mem::take(&mut records))
+    })?;
+    Ok(Rebuilt {
+        records: count,
+        damaged,
+    })
 }

@@ -208,6 +208,37 @@ impl Drop for TempFile {
     }
 }
 
+/// Removes temporary files for `final_name` in `dir` that were left by processes which no
+/// longer exist (killed before they could clean up). Files of live processes, including
+/// this one, are left alone. Returns how many were removed.
+pub fn sweep_stale(dir: &Path, final_name: &str) -> usize {
+    let prefix = format!("{TEMP_PREFIX}{final_name}.");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let gone = pid != std::process::id() as i32
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                == Err(nix::errno::Errno::ESRCH);
+        if gone && fs::remove_file(entry.path()).is_ok() {
+            tracing::debug!(
+                "removed {} left by exited process {pid}",
+                entry.path().display()
+            );
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Writes `content` to `path` durably, replacing any existing file.
 pub fn write_replace(path: &Path, content: &[u8]) -> Result<()> {
     let (dir, name) = split(path)?;
@@ -289,6 +320,22 @@ mod tests {
         fs::write(dir.path().join(format!("{TEMP_PREFIX}a.1.2.0")), b"junk").unwrap();
         write_no_clobber(&dir.path().join("a"), b"one").unwrap();
         assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"one");
+    }
+
+    #[test]
+    fn sweep_removes_temps_of_dead_processes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // PIDs above the kernel's maximum (4194304) never exist.
+        let dead = dir.path().join(format!("{TEMP_PREFIX}seg.99999999.1.0"));
+        let other_name = dir.path().join(format!("{TEMP_PREFIX}other.99999999.1.0"));
+        fs::write(&dead, b"x").unwrap();
+        fs::write(&other_name, b"x").unwrap();
+        let mut live = TempFile::new_in(dir.path(), "seg").unwrap();
+        live.write_all(b"y").unwrap();
+        assert_eq!(sweep_stale(dir.path(), "seg"), 1);
+        assert!(!dead.exists());
+        assert!(other_name.exists());
+        assert!(live.path().exists());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::durable::TempFile;
+use crate::durable::{self, TempFile};
 use crate::object::{self, ObjectMeta};
 use crate::repo::{self, Repository};
 use crate::wal::{self, LongPageHeader, WalFileName};
@@ -46,6 +46,9 @@ pub fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Fetche
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("restore");
+    // A restore killed earlier (PostgreSQL stops restore_command with SIGTERM at shutdown)
+    // leaves its temporary file here, in pg_wal, where nobody else would remove it.
+    durable::sweep_stale(dir, file_name);
     let mut temp = TempFile::new_in(dir, file_name)?;
     let meta = object::decode(reader, &key, &mut temp)?;
     if meta.name != name {

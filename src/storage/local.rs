@@ -14,7 +14,8 @@ use anyhow::{Context, Result};
 use fs2::FileExt;
 
 use super::{
-    validate_key, Commit, Committed, LockGuard, ObjectInfo, ObjectRead, ObjectWriter, Storage,
+    validate_key, Commit, Committed, LockGuard, ObjectInfo, ObjectRead, ObjectWriter, RecordEdit,
+    Storage,
 };
 use crate::durable::{self, Published, TempFile, FILE_MODE};
 
@@ -185,6 +186,7 @@ impl Storage for LocalStorage {
             .file_name()
             .and_then(|n| n.to_str())
             .expect("validated key");
+        durable::sweep_stale(&dir, name);
         let temp = TempFile::new_in(&dir, name)?;
         Ok(Box::new(LocalWriter { temp, final_path }))
     }
@@ -255,15 +257,15 @@ impl Storage for LocalStorage {
         Ok(records)
     }
 
-    fn rewrite_records(&self, log: &str, records: &[Vec<u8>]) -> Result<()> {
+    fn rewrite_records(&self, log: &str, edit: &mut RecordEdit<'_>) -> Result<()> {
         let path = self.path(log)?;
         durable::create_dir_all(path.parent().expect("keys have a parent"))?;
-        // Hold the old log's lock while replacing it, so no append slips in between the
-        // read the caller based `records` on and the rename. Appenders that were waiting
-        // on the old file notice the replacement and retry on the new one.
+        // Hold the log's lock from the read to the rename, so no append slips in between.
+        // Appenders waiting on the old file notice the replacement and retry on the new one.
         let _guard = self.open_log_locked(&path)?;
+        let records = edit(self.read_records(log)?)?;
         let mut content = Vec::new();
-        for record in records {
+        for record in &records {
             content.extend_from_slice(record);
             content.push(b'\n');
         }
@@ -390,7 +392,8 @@ mod tests {
                 b"{\"b\":2}".to_vec()
             ]
         );
-        s.rewrite_records("log/c", &records[2..]).unwrap();
+        s.rewrite_records("log/c", &mut |all| Ok(all[2..].to_vec()))
+            .unwrap();
         assert_eq!(
             s.read_records("log/c").unwrap(),
             vec![b"{\"b\":2}".to_vec()]

@@ -60,6 +60,9 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// An edit of a whole record log: current records in, new records out.
+pub type RecordEdit<'a> = dyn FnMut(Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> + 'a;
+
 /// A held lock; released when dropped.
 pub trait LockGuard: Send {}
 
@@ -90,9 +93,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Every whole record of `log`, oldest first; an absent log has none.
     fn read_records(&self, log: &str) -> Result<Vec<Vec<u8>>>;
 
-    /// Replaces the whole content of `log` with `records`, atomically with respect to
-    /// concurrent appends (an append lands either before or after, never lost).
-    fn rewrite_records(&self, log: &str, records: &[Vec<u8>]) -> Result<()>;
+    /// Rewrites `log` as `edit` returns it, given the current records. Appends wait while
+    /// the edit runs, so none is lost: each lands either in what `edit` sees or after the
+    /// rewrite.
+    fn rewrite_records(&self, log: &str, edit: &mut RecordEdit<'_>) -> Result<()>;
 
     /// Takes the named advisory lock, shared or exclusive, waiting for it.
     fn lock(&self, name: &str, exclusive: bool) -> Result<Box<dyn LockGuard>>;
