@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 use walkeep::cli::{self, RepoArgs};
 use walkeep::exit::{self, FAILURE, SUCCESS, USAGE};
 use walkeep::recovery::{self, parse_target_time, Target, TimelineChoice};
-use walkeep::{backup, catalog, logging, manifest, object, points, repo::Repository};
+use walkeep::{
+    backup, catalog, check, expire, logging, manifest, object, points, repo::Repository, status,
+    verify,
+};
 
 /// Base backups, point-in-time recovery and repository care for PostgreSQL.
 #[derive(Parser, Debug)]
@@ -45,6 +48,69 @@ enum Command {
         #[command(flatten)]
         repo: RepoArgs,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read every stored object and check WAL continuity and every backup.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Objects read at once. Default: the number of cores.
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the cluster's archiving settings, then prove a segment reaches the repository.
+    Check {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// libpq connection string. Default: conninfo in the config file, else PG* variables.
+        #[arg(short = 'd', long = "dbname", value_name = "CONNINFO")]
+        conninfo: Option<String>,
+        /// Seconds to wait for the switched segment to arrive.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Archiving health: last archived segment, waiting segments, failures, backups.
+    Status {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// libpq connection string. Default: conninfo in the config file, else PG* variables.
+        #[arg(short = 'd', long = "dbname", value_name = "CONNINFO")]
+        conninfo: Option<String>,
+        /// The data directory, to count segments waiting in pg_wal/archive_status.
+        /// Default: pgdata in the config file, else PGDATA.
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+        /// Report from the repository (and data directory) only; do not connect.
+        #[arg(long)]
+        no_connect: bool,
+        /// Print JSON.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// Print OpenMetrics text for a node-exporter textfile collector.
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Delete backups and WAL that the retention policy no longer needs.
+    Expire {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Keep the newest N backups.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// Keep every point of the last D days restorable.
+        #[arg(long, value_name = "D")]
+        keep_days: Option<u32>,
+        /// Show what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -330,6 +396,130 @@ fn info(repo: RepoArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn print_verify(report: &verify::Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!(
+        "checked {} objects ({} of original data)",
+        report.objects_checked,
+        backup::human_bytes(report.bytes_checked)
+    );
+    for p in &report.damaged {
+        println!("DAMAGED  {}: {}", p.key, p.detail);
+    }
+    for key in &report.foreign {
+        println!("FOREIGN  {key}: not part of a walkeep repository");
+    }
+    for gap in &report.gaps {
+        let first = &gap.missing[0];
+        let last = &gap.missing[gap.missing.len() - 1];
+        let range = if first == last {
+            first.clone()
+        } else {
+            format!("{first} to {last}")
+        };
+        println!(
+            "GAP      timeline {}: {range} missing ({} segments) between {} and {}; replay stops at {}",
+            gap.timeline,
+            gap.missing.len(),
+            gap.after,
+            gap.before,
+            gap.replay_stops_at
+        );
+        if !gap.breaks_backups.is_empty() {
+            println!("         breaks backups: {}", gap.breaks_backups.join(", "));
+        }
+        if !gap.cuts_window_of.is_empty() {
+            println!(
+                "         ends the recovery window of backups: {}",
+                gap.cuts_window_of.join(", ")
+            );
+        }
+    }
+    for name in &report.partial_segments {
+        println!("partial  {name} (end of an old timeline; not used in place of the full segment)");
+    }
+    for b in &report.backups {
+        if b.problems.is_empty() {
+            println!("backup   {}: ok ({} files)", b.id, b.files);
+        } else {
+            for p in &b.problems {
+                println!("BACKUP   {}: {p}", b.id);
+            }
+        }
+    }
+    if report.interrupted_backup_files > 0 {
+        println!(
+            "note     {} files of interrupted backups (removed by the next backup)",
+            report.interrupted_backup_files
+        );
+    }
+    println!(
+        "{}",
+        if report.is_whole() {
+            "repository is whole"
+        } else {
+            "REPOSITORY IS NOT WHOLE"
+        }
+    );
+    Ok(())
+}
+
+fn print_status(status: &status::Status) {
+    println!("repository  {}", status.repository);
+    match (&status.archiver, &status.server_error) {
+        (Some(a), _) => {
+            println!(
+                "archived    {} segments; last {} at {}",
+                a.archived_count,
+                a.last_archived_wal.as_deref().unwrap_or("-"),
+                a.last_archived_time
+                    .map_or("-".to_string(), |t| t.to_rfc3339())
+            );
+            println!(
+                "failures    {}; last {} at {}",
+                a.failed_count,
+                a.last_failed_wal.as_deref().unwrap_or("-"),
+                a.last_failed_time
+                    .map_or("-".to_string(), |t| t.to_rfc3339())
+            );
+        }
+        (None, Some(e)) => println!("server      unreachable: {e}"),
+        (None, None) => {}
+    }
+    if let Some(n) = status.ready_count {
+        println!("waiting     {n} segments marked .ready in pg_wal/archive_status");
+    }
+    if let Some(b) = &status.blocked {
+        println!(
+            "BLOCKED     archiving is stuck on {} since {}; pg_wal grows until this is fixed",
+            b.segment,
+            b.since.map_or("?".to_string(), |t| t.to_rfc3339())
+        );
+    }
+    match &status.last_backup {
+        Some(b) => println!(
+            "last backup {} ended {} ({} h ago); {} backups",
+            b.id,
+            b.stop_time.to_rfc3339(),
+            b.age_seconds / 3600,
+            status.backup_count
+        ),
+        None => println!("last backup none"),
+    }
+    for w in &status.recovery_windows {
+        println!(
+            "window      timeline {}: {} to {}",
+            w.timeline,
+            w.earliest_time.to_rfc3339(),
+            w.latest_time
+                .map_or(w.latest_lsn.to_string(), |t| t.to_rfc3339())
+        );
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -395,6 +585,118 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Restore(args) => restore(args)?,
+        Command::Verify {
+            repo,
+            jobs: j,
+            json,
+        } => {
+            let (_, location) = repo.resolve()?;
+            let repo = Repository::open(&location)?;
+            let report = verify::run(&repo, jobs(j), !json)?;
+            print_verify(&report, json)?;
+            if !report.is_whole() {
+                anyhow::bail!("the repository is not whole (see above)");
+            }
+        }
+        Command::Check {
+            repo,
+            conninfo,
+            timeout,
+            json,
+        } => {
+            let (file, location) = repo.resolve()?;
+            let repo = Repository::open(&location)?;
+            let conninfo = conninfo.or(file.conninfo.clone());
+            let configured = file
+                .repo
+                .clone()
+                .or_else(|| std::env::var("WALKEEP_REPO").ok());
+            let report = runtime()?.block_on(check::run(
+                &repo,
+                &location,
+                conninfo.as_deref(),
+                configured.as_deref(),
+                Duration::from_secs(timeout),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for v in &report.verdicts {
+                    println!(
+                        "{:<5} {:<20} {}",
+                        v.status.to_uppercase(),
+                        v.check,
+                        v.detail
+                    );
+                }
+            }
+            if !report.passed() {
+                anyhow::bail!("check failed");
+            }
+        }
+        Command::Status {
+            repo,
+            conninfo,
+            pgdata,
+            no_connect,
+            json,
+            prometheus,
+        } => {
+            let (file, location) = repo.resolve()?;
+            let repo = Repository::open(&location)?;
+            let conninfo = conninfo.or(file.conninfo.clone());
+            let pgdata = pgdata_of(pgdata, &file).ok();
+            let status = runtime()?.block_on(status::gather(
+                &repo,
+                &location,
+                conninfo.as_deref(),
+                pgdata.as_deref(),
+                !no_connect,
+            ))?;
+            if prometheus {
+                print!("{}", status::openmetrics(&status));
+            } else if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Expire {
+            repo,
+            keep,
+            keep_days,
+            dry_run,
+            json,
+        } => {
+            let (_, location) = repo.resolve()?;
+            let repo = Repository::open(&location)?;
+            let plan = expire::run(&repo, expire::Policy { keep, keep_days }, dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                let verb = if dry_run { "would expire" } else { "expired" };
+                println!("kept backups: {}", plan.kept_backups.join(", "));
+                println!(
+                    "{verb} backups: {}",
+                    if plan.expired_backups.is_empty() {
+                        "none".to_string()
+                    } else {
+                        plan.expired_backups.join(", ")
+                    }
+                );
+                println!(
+                    "{verb} {} WAL files (everything before {}), {}",
+                    plan.expired_wal.len(),
+                    plan.wal_cutoff.as_deref().unwrap_or("-"),
+                    backup::human_bytes(plan.freed_bytes)
+                );
+                if dry_run {
+                    for key in &plan.expired_wal {
+                        println!("  {key}");
+                    }
+                }
+            }
+        }
         Command::Info { repo, json } => info(repo, json)?,
         Command::Mark {
             repo,

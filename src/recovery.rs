@@ -217,6 +217,15 @@ impl WalArchive {
         segno
     }
 
+    /// Segment numbers stored along `path` (each from the timeline the path reads it from).
+    pub fn segnos_along(&self, path: &TimelinePath) -> Vec<u64> {
+        self.segments
+            .iter()
+            .filter(|(t, n)| path.timeline_of_segment(*n, self.segment_size) == *t)
+            .map(|(_, n)| *n)
+            .collect()
+    }
+
     /// True if and only if some segment along `path` lies at or after `segno`.
     pub fn has_any_after(&self, path: &TimelinePath, segno: u64) -> Option<SegmentName> {
         self.segments

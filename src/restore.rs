@@ -109,6 +109,8 @@ pub fn restore_command_for(location: &str) -> String {
 
 /// Plans, checks and restores. Returns the plan followed.
 pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
+    // Expiry must not delete the backup or WAL while they are being read.
+    let _expire_lock = repo.storage().lock("expire", false)?;
     let plan = recovery::plan(
         repo,
         &options.target,

@@ -1,0 +1,312 @@
+//! `walkeep check`: is the cluster set up to archive into this repository, and does a
+//! segment actually arrive?
+//!
+//! Each setting gets its own verdict, so that an operator sees exactly which one is wrong.
+//! The settings can look right and archiving still fail (a wrong binary path, a permission),
+//! so the check ends by proving the path: it writes a WAL record, switches segments, and
+//! waits, bounded, until that segment is stored in the repository.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::lsn::Lsn;
+use crate::pg;
+use crate::repo::{self, Repository};
+use crate::wal::{SegmentName, WalFileName};
+
+/// One verdict.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    /// What was checked.
+    pub check: String,
+    /// `ok`, `warn` or `fail`.
+    pub status: &'static str,
+    /// What was found, and what to do about it.
+    pub detail: String,
+}
+
+/// All verdicts.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckReport {
+    /// Verdicts in the order they were made.
+    pub verdicts: Vec<Verdict>,
+}
+
+impl CheckReport {
+    fn push(&mut self, check: &str, status: &'static str, detail: impl Into<String>) {
+        self.verdicts.push(Verdict {
+            check: check.to_string(),
+            status,
+            detail: detail.into(),
+        });
+    }
+
+    /// True if and only if no verdict failed.
+    pub fn passed(&self) -> bool {
+        self.verdicts.iter().all(|v| v.status != "fail")
+    }
+}
+
+async fn setting(client: &Client, name: &str) -> Result<String> {
+    let row = client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Splits a command line into words as `sh` would for plain words, quotes and
+/// backslashes (enough for an `archive_command`; no expansions).
+fn shell_words(command: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                in_word = true;
+                word.extend(chars.by_ref().take_while(|&c| c != '\''));
+            }
+            '"' => {
+                in_word = true;
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => word.extend(chars.next()),
+                        c => word.push(c),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                word.extend(chars.next());
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// The repository `archive_command` names with `--repo`, if it does.
+fn repo_in_command(command: &str) -> Option<String> {
+    let words = shell_words(command);
+    let mut iter = words.iter();
+    while let Some(word) = iter.next() {
+        if word == "--repo" {
+            return iter.next().cloned();
+        }
+        if let Some(value) = word.strip_prefix("--repo=") {
+            return Some(value.to_string());
+        }
+    }
+    None
+}
+
+fn same_location(a: &str, b: &str) -> bool {
+    let canonical = |s: &str| {
+        let s = s.strip_prefix("file://").unwrap_or(s);
+        Path::new(s)
+            .canonicalize()
+            .unwrap_or_else(|_| Path::new(s).to_path_buf())
+    };
+    canonical(a) == canonical(b)
+}
+
+/// Runs every check against the server at `conninfo`; `configured_repo` is the repository
+/// walkeep-archive would use without `--repo` (from its environment or config file).
+pub async fn run(
+    repo: &Repository,
+    location: &str,
+    conninfo: Option<&str>,
+    configured_repo: Option<&str>,
+    timeout: Duration,
+) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let client = pg::connect(conninfo).await?;
+
+    let wal_level = setting(&client, "wal_level").await?;
+    match wal_level.as_str() {
+        "replica" | "logical" => report.push("wal_level", "ok", wal_level),
+        _ => report.push(
+            "wal_level",
+            "fail",
+            format!("{wal_level}: must be replica or logical (restart needed)"),
+        ),
+    }
+    let archive_mode = setting(&client, "archive_mode").await?;
+    match archive_mode.as_str() {
+        "on" | "always" => report.push("archive_mode", "ok", archive_mode),
+        _ => report.push(
+            "archive_mode",
+            "fail",
+            format!("{archive_mode}: must be on or always (restart needed)"),
+        ),
+    }
+    let command = setting(&client, "archive_command").await?;
+    let named = repo_in_command(&command);
+    if !command.contains("walkeep-archive") {
+        report.push(
+            "archive_command",
+            "fail",
+            format!("{command:?} does not call walkeep-archive"),
+        );
+    } else if let Some(named) = &named {
+        if same_location(named, location) {
+            report.push("archive_command", "ok", command.clone());
+        } else {
+            report.push(
+                "archive_command",
+                "fail",
+                format!("{command:?} archives into {named}, not into {location}"),
+            );
+        }
+    } else if configured_repo.is_some_and(|c| same_location(c, location)) {
+        report.push(
+            "archive_command",
+            "ok",
+            format!("{command} (repository from the config file)"),
+        );
+    } else {
+        report.push(
+            "archive_command",
+            "warn",
+            format!("{command:?} names no --repo; the end-to-end check below decides"),
+        );
+    }
+    let timeout_setting = setting(&client, "archive_timeout").await?;
+    if timeout_setting == "0" {
+        report.push(
+            "archive_timeout",
+            "warn",
+            "0: on a quiet server a finished transaction may wait in pg_wal indefinitely; \
+             set it (e.g. 60s) to bound what losing the server loses",
+        );
+    } else {
+        report.push(
+            "archive_timeout",
+            "ok",
+            format!("{timeout_setting}: at most this much committed work is lost with the server"),
+        );
+    }
+
+    let sysid = pg::system_identifier(&client).await?;
+    if sysid == repo.identity().system_identifier {
+        report.push("system identifier", "ok", sysid.to_string());
+    } else {
+        report.push(
+            "system identifier",
+            "fail",
+            format!(
+                "server is {sysid}, repository {location} belongs to {}",
+                repo.identity().system_identifier
+            ),
+        );
+    }
+    match repo.storage().check_writable() {
+        Ok(()) => report.push("repository writable", "ok", location.to_string()),
+        Err(e) => report.push("repository writable", "fail", format!("{e:#}")),
+    }
+
+    if !report.passed() {
+        report.push(
+            "end to end",
+            "fail",
+            "skipped: fix the failures above first",
+        );
+        return Ok(report);
+    }
+    // A record guarantees the switch below has something to end.
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, 'walkeep', 'check')",
+            &[],
+        )
+        .await
+        .context("failed to write a WAL record")?;
+    let row = client
+        .query_one(
+            "SELECT pg_switch_wal()::text, (SELECT timeline_id FROM pg_control_checkpoint())::int",
+            &[],
+        )
+        .await?;
+    let lsn: Lsn = row.get::<_, String>(0).parse()?;
+    let timeline = row.get::<_, i32>(1) as u32;
+    let segment =
+        SegmentName::containing(timeline, Lsn(lsn.0.saturating_sub(1)), repo.segment_size());
+    let key = repo::wal_key(&WalFileName::Segment(segment));
+    let began = Instant::now();
+    loop {
+        if repo.storage().size(&key)?.is_some() {
+            report.push(
+                "end to end",
+                "ok",
+                format!(
+                    "segment {segment} reached the repository in {:.1} s",
+                    began.elapsed().as_secs_f64()
+                ),
+            );
+            break;
+        }
+        if began.elapsed() > timeout {
+            let failed: Option<String> = client
+                .query_one("SELECT last_failed_wal FROM pg_stat_archiver", &[])
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
+            report.push(
+                "end to end",
+                "fail",
+                format!(
+                    "segment {segment} did not reach the repository within {} s{}; see the \
+                     server log",
+                    timeout.as_secs(),
+                    failed
+                        .map(|f| format!(" (last failed: {f})"))
+                        .unwrap_or_default()
+                ),
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_repository_in_archive_command() {
+        let cases = [
+            ("walkeep-archive --repo /r %p %f", Some("/r")),
+            (
+                "/usr/bin/walkeep-archive --repo='/my r' %p %f",
+                Some("/my r"),
+            ),
+            ("walkeep-archive --repo=/r %p %f", Some("/r")),
+            ("walkeep-archive %p %f", None),
+            ("'/opt/walkeep-archive' --repo \"/a b\" %p %f", Some("/a b")),
+            ("walkeep-archive --repo /a\\ b %p %f", Some("/a b")),
+        ];
+        for (command, repo) in cases {
+            assert_eq!(repo_in_command(command).as_deref(), repo, "{command}");
+        }
+    }
+}
