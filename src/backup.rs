@@ -267,20 +267,16 @@ pub fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|line| line.strip_prefix(key)?.strip_prefix(':').map(str::trim))
 }
 
-/// Removes the files of backups that never published a manifest. Only called while the
-/// backup lock is held, so no such backup is still running.
-fn remove_interrupted(repo: &Repository) -> Result<()> {
+/// Removes the files of backups that never published a manifest, temporary files of a
+/// killed copy included. Only called while the backup lock is held, so no such backup is
+/// still running.
+pub fn remove_interrupted(repo: &Repository) -> Result<()> {
     let complete: HashSet<String> = manifest::list(repo)?.into_iter().map(|m| m.id).collect();
-    let mut removed = HashSet::new();
-    for info in repo.storage().list("backups/")? {
-        let id = info.key.split('/').nth(1).unwrap_or_default().to_string();
+    for id in repo.storage().list_children("backups/")? {
         if !complete.contains(&id) {
-            repo.storage().delete(&info.key)?;
-            removed.insert(id);
+            repo.storage().delete_prefix(&format!("backups/{id}/"))?;
+            tracing::warn!("removed the files of interrupted backup {id}");
         }
-    }
-    for id in removed {
-        tracing::warn!("removed the files of interrupted backup {id}");
     }
     Ok(())
 }

@@ -130,12 +130,11 @@ pub fn run(repo: &Repository, policy: Policy, dry_run: bool) -> Result<ExpirePla
     if dry_run {
         return Ok(plan);
     }
+    crate::backup::remove_interrupted(repo)?;
     let storage = repo.storage();
     for id in &plan.expired_backups {
         storage.delete(&manifest::manifest_key(id))?;
-        for info in storage.list(&format!("backups/{id}/"))? {
-            storage.delete(&info.key)?;
-        }
+        storage.delete_prefix(&format!("backups/{id}/"))?;
         tracing::info!("expired backup {id}");
     }
     let mut expired_names = BTreeSet::new();

@@ -415,6 +415,14 @@ pub fn plan(
                 }
                 last_needed = path.segment(lsn.segment_number(size), size);
             }
+            Target::Time(_) if gap_then_more.is_some() => bail!(
+                "WAL segment {} is missing: replay along timeline {} would stop at {archive_end}, \
+                 before {target}, although the repository holds later WAL (from {}); restore \
+                 the missing segment or choose a target before {archive_end}",
+                path.segment(missing, size),
+                path.target(),
+                gap_then_more.expect("checked")
+            ),
             Target::Time(t) => {
                 let t = t.with_timezone(&Utc);
                 match archive.last_written(repo, &last_present)? {

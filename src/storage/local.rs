@@ -215,6 +215,43 @@ impl Storage for LocalStorage {
         Ok(out)
     }
 
+    fn list_children(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = prefix
+            .strip_suffix('/')
+            .context("a prefix to list ends with '/'")?;
+        let path = if dir.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(dir)?
+        };
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("failed to list {}", path.display())),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("failed to list {}", path.display()))?;
+            if let Some(name) = entry.file_name().to_str().filter(|n| !n.starts_with('.')) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let dir = prefix
+            .strip_suffix('/')
+            .context("a prefix to delete ends with '/'")?;
+        let path = self.path(dir)?;
+        match fs::remove_dir_all(&path) {
+            Ok(()) => durable::fsync_dir(path.parent().expect("keys have a parent")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("failed to remove {}", path.display())),
+        }
+    }
+
     fn append_record(&self, log: &str, record: &[u8]) -> Result<()> {
         let path = self.path(log)?;
         durable::create_dir_all(path.parent().expect("keys have a parent"))?;
@@ -366,6 +403,22 @@ mod tests {
         let keys: Vec<_> = s.list("wal/").unwrap().into_iter().map(|o| o.key).collect();
         assert_eq!(keys, ["wal/a/1", "wal/ab/3", "wal/b/2"]);
         assert_eq!(s.list("").unwrap().len(), 4);
+    }
+
+    #[test]
+    fn children_and_prefix_deletion_include_what_listing_skips() {
+        let (dir, s) = storage();
+        for key in ["b/x/1", "b/x/2", "b/y/1", "c"] {
+            put(&s, key, b"x", Commit::IfAbsent);
+        }
+        // An interrupted writer's temporary file, which list() never shows.
+        fs::write(dir.path().join("b/x/.walkeep-tmp.3.1.2.0"), b"partial").unwrap();
+        assert_eq!(s.list_children("").unwrap(), ["b", "c"]);
+        assert_eq!(s.list_children("b/").unwrap(), ["x", "y"]);
+        s.delete_prefix("b/x/").unwrap();
+        assert!(!dir.path().join("b/x").exists());
+        assert_eq!(s.list_children("b/").unwrap(), ["y"]);
+        s.delete_prefix("b/nothing/").unwrap();
     }
 
     #[test]

@@ -87,6 +87,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix`, sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
 
+    /// The names directly below `prefix` (empty, or ending with `/`): objects and the first
+    /// part of longer keys, each once, sorted. Like an object store's delimiter listing.
+    fn list_children(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Removes everything whose key starts with `prefix` (which ends with `/`), including
+    /// what an interrupted writer left there (temporary files, unfinished uploads).
+    fn delete_prefix(&self, prefix: &str) -> Result<()>;
+
     /// Appends one record to the record log `log`, creating the log if needed.
     fn append_record(&self, log: &str, record: &[u8]) -> Result<()>;
 
