@@ -216,9 +216,12 @@ impl Storage for LocalStorage {
     }
 
     fn list_children(&self, prefix: &str) -> Result<Vec<String>> {
-        let dir = prefix
-            .strip_suffix('/')
-            .context("a prefix to list ends with '/'")?;
+        let dir = match prefix {
+            "" => "",
+            _ => prefix
+                .strip_suffix('/')
+                .context("a prefix to list is empty or ends with '/'")?,
+        };
         let path = if dir.is_empty() {
             self.root.clone()
         } else {
