@@ -282,7 +282,13 @@ fn restore(args: RestoreArgs) -> Result<()> {
     let target = target_of(&args)?;
     let timeline = timeline_of(&args.target_timeline)?;
     if args.dry_run {
-        let plan = recovery::plan(&repo, &target, timeline, args.backup.as_deref())?;
+        let request = recovery::Request {
+            target,
+            timeline,
+            backup: args.backup.clone(),
+            inclusive: args.inclusive.unwrap_or(true),
+        };
+        let plan = recovery::plan(&repo, &request)?;
         println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }

@@ -19,6 +19,7 @@ use crate::object::{self, ObjectMeta, WalMeta};
 use crate::repo::{self, Repository};
 use crate::storage::{Commit, Committed};
 use crate::wal::{self, LongPageHeader, SegmentName, WalFileName};
+use crate::walscan::Scanner;
 
 /// How a successful archive call ended.
 #[derive(Debug)]
@@ -53,6 +54,17 @@ pub struct ConflictError {
     pub offered: String,
 }
 
+/// A file PostgreSQL offers, checked and ready to store.
+struct Offer<'a> {
+    repo: &'a Repository,
+    name: WalFileName,
+    key: String,
+    path: &'a Path,
+    file: File,
+    wal_meta: Option<WalMeta>,
+    level: i32,
+}
+
 /// Archives the file at `path` under the WAL name `name`, compressing at `level`.
 pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> Result<Archived> {
     let wal_name: WalFileName = name.parse()?;
@@ -67,35 +79,117 @@ pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> R
     let mut file =
         File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
     let wal_meta = check_content(repo, &wal_name, &mut file, path)?;
+    let mut offer = Offer {
+        repo,
+        key: repo::wal_key(&wal_name),
+        name: wal_name,
+        path,
+        file,
+        wal_meta,
+        level,
+    };
 
-    let key = repo::wal_key(&wal_name);
     let storage = repo.storage();
-    if storage.size(&key)?.is_some() {
-        return compare_with_stored(repo, &wal_name, &key, &mut file, path, level);
+    if storage.size(&offer.key)?.is_some() {
+        return offer.compare_with_stored();
     }
 
-    file.seek(SeekFrom::Start(0))?;
-    let mut writer = storage.create(&key)?;
-    let meta = object::encode(
-        BufReader::new(&mut file),
-        &mut writer,
-        level,
-        name,
-        wal_meta,
-    )?;
+    let mut writer = storage.create(&offer.key)?;
+    let meta = offer.store(&mut writer)?;
     if exit::fault("stall-before-commit") {
         // Lets a test kill the process while the object is written but not published.
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
     match writer.commit(Commit::IfAbsent)? {
-        Committed::Created => {
-            let stored_size = storage.size(&key)?.unwrap_or(0);
-            catalog::append(repo, &WalRecord::new(&wal_name, &meta, stored_size))?;
-            Ok(Archived::Stored { meta, stored_size })
-        }
+        Committed::Created => offer.record(meta),
         // Another archiver (a standby with archive_mode=always) stored it meanwhile.
-        Committed::AlreadyExists => {
-            compare_with_stored(repo, &wal_name, &key, &mut file, path, level)
+        Committed::AlreadyExists => offer.compare_with_stored(),
+    }
+}
+
+impl Offer<'_> {
+    /// Streams the file into `writer`, summarising a segment's records on the way.
+    fn store(&mut self, writer: &mut dyn std::io::Write) -> Result<ObjectMeta> {
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut encoder = object::Encoder::new(writer, self.level)?;
+        let identity = self.repo.identity();
+        let mut scanner = self.wal_meta.as_ref().map(|w| {
+            Scanner::new(
+                w.start_lsn,
+                identity.wal_block_size,
+                identity.pg_major_version,
+            )
+        });
+        let name = self.name.to_string();
+        object::for_each_chunk(BufReader::new(&mut self.file), &name, |piece| {
+            if let Some(scanner) = scanner.as_mut() {
+                scanner.feed(piece);
+            }
+            encoder.write(piece)
+        })?;
+        let wal_meta = self.wal_meta.clone().map(|mut w| {
+            w.summary = scanner.map(Scanner::finish);
+            w
+        });
+        encoder.finish(&name, wal_meta)
+    }
+
+    /// Catalogs a newly stored object.
+    fn record(&self, meta: ObjectMeta) -> Result<Archived> {
+        let stored_size = self.repo.storage().size(&self.key)?.unwrap_or(0);
+        catalog::append(self.repo, &WalRecord::new(&self.name, &meta, stored_size))?;
+        Ok(Archived::Stored { meta, stored_size })
+    }
+
+    fn conflict(&self, stored: String, offered: String) -> anyhow::Error {
+        ConflictError {
+            name: self.name.to_string(),
+            stored,
+            offered,
+        }
+        .into()
+    }
+
+    /// The key is taken: succeed if the stored content is the offered content, else refuse.
+    fn compare_with_stored(&mut self) -> Result<Archived> {
+        self.file.seek(SeekFrom::Start(0))?;
+        let what = self.path.display().to_string();
+        let (offered, _) = object::sha256_of_reader(BufReader::new(&mut self.file), &what)?;
+        let storage = self.repo.storage();
+        let key = self.key.as_str();
+        let reader = storage
+            .open(key)?
+            .with_context(|| format!("{key} vanished while comparing"))?;
+        let err = match object::decode(reader, key, &mut std::io::sink()) {
+            Ok(meta) if meta.sha256 == offered => return Ok(Archived::AlreadyStored { meta }),
+            Ok(meta) => return Err(self.conflict(meta.sha256, offered)),
+            Err(e) if object::is_corrupt(&e) => e,
+            Err(e) => return Err(e),
+        };
+
+        // The stored copy is damaged. Replace it only when its trailer proves the offered
+        // bytes are the ones it was meant to hold.
+        let mut reader = storage
+            .open(key)?
+            .with_context(|| format!("{key} vanished"))?;
+        match object::read_meta(reader.as_mut(), key).map(|(m, _)| m.sha256) {
+            Ok(recorded) if recorded == offered => {
+                tracing::warn!(
+                    "{key} is corrupt ({err:#}); replacing it with the offered {}, whose \
+                     checksum matches the recorded one",
+                    self.name
+                );
+                let mut writer = storage.create(key)?;
+                let meta = self.store(&mut writer)?;
+                writer.commit(Commit::Replace)?;
+                self.record(meta)
+            }
+            Ok(recorded) => Err(self.conflict(recorded, offered)),
+            Err(_) => Err(err.context(format!(
+                "{} is already stored but unreadable; inspect {key} in {} by hand",
+                self.name,
+                storage.location()
+            ))),
         }
     }
 }
@@ -174,70 +268,6 @@ fn segment_meta(
         end_lsn: crate::lsn::Lsn(start.0 + size),
         system_identifier: header.system_identifier,
         last_written,
+        summary: None,
     })
-}
-
-/// The key is taken: succeed if the stored content is the offered content, else refuse.
-fn compare_with_stored(
-    repo: &Repository,
-    name: &WalFileName,
-    key: &str,
-    file: &mut File,
-    path: &Path,
-    level: i32,
-) -> Result<Archived> {
-    file.seek(SeekFrom::Start(0))?;
-    let (offered, _) = object::sha256_of_reader(BufReader::new(&mut *file))
-        .with_context(|| format!("failed to read {}", path.display()))?;
-    let storage = repo.storage();
-    let reader = storage
-        .open(key)?
-        .with_context(|| format!("{key} vanished while comparing"))?;
-    match object::decode(reader, key, &mut std::io::sink()) {
-        Ok(meta) if meta.sha256 == offered => Ok(Archived::AlreadyStored { meta }),
-        Ok(meta) => Err(ConflictError {
-            name: name.to_string(),
-            stored: meta.sha256,
-            offered,
-        }
-        .into()),
-        Err(e) if object::is_corrupt(&e) => {
-            // The stored copy is damaged. Replace it only when its trailer proves the
-            // offered bytes are the ones it was meant to hold.
-            let mut reader = storage
-                .open(key)?
-                .with_context(|| format!("{key} vanished"))?;
-            let recorded = object::read_meta(reader.as_mut(), key).map(|(m, _)| m.sha256);
-            match recorded {
-                Ok(recorded) if recorded == offered => {
-                    tracing::warn!("{key} is corrupt ({e:#}); replacing it with the offered {name}, whose checksum matches the recorded one");
-                    file.seek(SeekFrom::Start(0))?;
-                    let mut writer = storage.create(key)?;
-                    let wal_meta = object::read_meta(reader.as_mut(), key)?.0.wal;
-                    let meta = object::encode(
-                        BufReader::new(&mut *file),
-                        &mut writer,
-                        level,
-                        &name.to_string(),
-                        wal_meta,
-                    )?;
-                    writer.commit(Commit::Replace)?;
-                    let stored_size = storage.size(key)?.unwrap_or(0);
-                    catalog::append(repo, &WalRecord::new(name, &meta, stored_size))?;
-                    Ok(Archived::Stored { meta, stored_size })
-                }
-                Ok(recorded) => Err(ConflictError {
-                    name: name.to_string(),
-                    stored: recorded,
-                    offered,
-                }
-                .into()),
-                Err(_) => Err(e.context(format!(
-                    "{name} is already stored but unreadable; inspect {key} in {} by hand",
-                    storage.location()
-                ))),
-            }
-        }
-        Err(e) => Err(e),
-    }
 }

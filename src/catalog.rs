@@ -19,6 +19,7 @@ use crate::lsn::Lsn;
 use crate::object::{self, ObjectMeta};
 use crate::repo::{self, Repository};
 use crate::wal::WalFileName;
+use crate::walscan::SegmentSummary;
 
 /// Record log of archived WAL files.
 pub const WAL_LOG: &str = "catalog/wal.jsonl";
@@ -46,6 +47,9 @@ pub struct WalRecord {
     /// When PostgreSQL last wrote the segment (segments and partial segments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_written: Option<DateTime<Utc>>,
+    /// Transaction ends and restore points in the segment, if it was summarised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SegmentSummary>,
     /// Original size in bytes.
     pub size: u64,
     /// Size of the stored object in bytes.
@@ -69,6 +73,7 @@ impl WalRecord {
             start_lsn: meta.wal.as_ref().map(|w| w.start_lsn),
             end_lsn: meta.wal.as_ref().map(|w| w.end_lsn),
             last_written: meta.wal.as_ref().and_then(|w| w.last_written),
+            summary: meta.wal.as_ref().and_then(|w| w.summary.clone()),
             size: meta.size,
             stored_size,
             sha256: meta.sha256.clone(),

@@ -25,7 +25,7 @@ use crate::wal::{self, LongPageHeader, WalFileName};
 #[derive(Debug)]
 pub enum Fetched {
     /// The file is at the destination.
-    Restored(ObjectMeta),
+    Restored(Box<ObjectMeta>),
     /// The repository has no such file.
     Absent,
 }
@@ -69,5 +69,5 @@ pub fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Fetche
     }
 
     temp.publish_replace_unsynced(dest)?;
-    Ok(Fetched::Restored(meta))
+    Ok(Fetched::Restored(Box::new(meta)))
 }

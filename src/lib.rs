@@ -35,3 +35,4 @@ pub mod storage;
 pub mod timeline;
 pub mod verify;
 pub mod wal;
+pub mod walscan;

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::lsn::Lsn;
 use crate::storage::ObjectRead;
+use crate::walscan::SegmentSummary;
 
 /// Version of the object format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -71,6 +72,9 @@ pub struct WalMeta {
     /// whether the archive reaches a target time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_written: Option<DateTime<Utc>>,
+    /// What the segment's records hold for recovery targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SegmentSummary>,
 }
 
 /// What an object's trailer says about its content.
@@ -119,68 +123,97 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// Hex SHA-256 of everything `reader` yields.
-pub fn sha256_of_reader(mut reader: impl Read) -> io::Result<(String, u64)> {
+/// Hex SHA-256 and length of everything `reader` yields.
+pub fn sha256_of_reader(reader: impl Read, what: &str) -> Result<(String, u64)> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
+    for_each_chunk(reader, what, |piece| {
+        hasher.update(piece);
+        total += piece.len() as u64;
+        Ok(())
+    })?;
     Ok((hex::encode(hasher.finalize()), total))
+}
+
+/// Compresses content fed to it in pieces into one object.
+pub struct Encoder<'a> {
+    zstd: zstd::stream::write::Encoder<'static, &'a mut dyn Write>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<'a> Encoder<'a> {
+    /// Starts an object written to `sink`, compressed at `level`.
+    pub fn new(sink: &'a mut dyn Write, level: i32) -> Result<Encoder<'a>> {
+        let mut zstd = zstd::stream::write::Encoder::new(sink, level)
+            .context("failed to start zstd compressor")?;
+        zstd.include_checksum(true)
+            .context("failed to configure zstd")?;
+        Ok(Encoder {
+            zstd,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Adds the next piece of content.
+    pub fn write(&mut self, piece: &[u8]) -> Result<()> {
+        self.hasher.update(piece);
+        self.size += piece.len() as u64;
+        self.zstd
+            .write_all(piece)
+            .context("failed to write compressed data")
+    }
+
+    /// Ends the content and writes the trailer, with `name` and `wal` in it.
+    pub fn finish(self, name: &str, wal: Option<WalMeta>) -> Result<ObjectMeta> {
+        let sink = self
+            .zstd
+            .finish()
+            .context("failed to write compressed data")?;
+        let meta = ObjectMeta {
+            format: FORMAT_VERSION,
+            name: name.to_string(),
+            size: self.size,
+            sha256: hex::encode(self.hasher.finalize()),
+            codec: "zstd".to_string(),
+            created_at: Utc::now(),
+            wal,
+        };
+        write_trailer(sink, &meta)?;
+        Ok(meta)
+    }
+}
+
+/// Reads `source` to its end in chunks, handing each to `each`.
+pub fn for_each_chunk(
+    mut source: impl Read,
+    what: &str,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match source.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => each(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).with_context(|| format!("failed to read {what}")),
+        }
+    }
 }
 
 /// Compresses everything from `source` into `sink` as one object, returning its metadata.
 /// `name` and `wal` go into the trailer unchanged.
 pub fn encode(
-    mut source: impl Read,
+    source: impl Read,
     sink: &mut dyn Write,
     level: i32,
     name: &str,
     wal: Option<WalMeta>,
 ) -> Result<ObjectMeta> {
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut encoder = zstd::stream::write::Encoder::new(&mut *sink, level)
-        .context("failed to start zstd compressor")?;
-    encoder
-        .include_checksum(true)
-        .context("failed to configure zstd")?;
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match source.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("failed to read {name}")),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-        encoder
-            .write_all(&buf[..n])
-            .context("failed to write compressed data")?;
-    }
-    encoder
-        .finish()
-        .context("failed to write compressed data")?;
-    let meta = ObjectMeta {
-        format: FORMAT_VERSION,
-        name: name.to_string(),
-        size,
-        sha256: hex::encode(hasher.finalize()),
-        codec: "zstd".to_string(),
-        created_at: Utc::now(),
-        wal,
-    };
-    write_trailer(sink, &meta)?;
-    Ok(meta)
+    let mut encoder = Encoder::new(sink, level)?;
+    for_each_chunk(source, name, |piece| encoder.write(piece))?;
+    encoder.finish(name, wal)
 }
 
 fn write_trailer(sink: &mut dyn Write, meta: &ObjectMeta) -> Result<()> {

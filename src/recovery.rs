@@ -28,6 +28,7 @@ use crate::points;
 use crate::repo::{self, Repository};
 use crate::timeline::TimelinePath;
 use crate::wal::{SegmentName, WalFileName};
+use crate::walscan::{xid_follows, NamedPoint};
 
 /// Where recovery should stop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +109,19 @@ pub enum TimelineChoice {
     Id(u32),
 }
 
+/// What the operator asks for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// Where recovery should stop.
+    pub target: Target,
+    /// Which timeline to follow.
+    pub timeline: TimelineChoice,
+    /// A backup to use instead of the newest that fits.
+    pub backup: Option<String>,
+    /// Whether recovery stops just after the target (PostgreSQL's default) or before it.
+    pub inclusive: bool,
+}
+
 /// The chosen way to reach a target.
 #[derive(Clone, Debug, Serialize)]
 pub struct Plan {
@@ -120,6 +134,10 @@ pub struct Plan {
     pub timeline: u32,
     /// The target, for messages.
     pub target: String,
+    /// The target to write into the recovery settings: the one asked for, or the end of
+    /// the archive when that is provably the same state (see `warnings`).
+    #[serde(skip)]
+    pub recovery_target: Target,
     /// Position the target resolves to, when known (LSN targets, recorded restore points).
     pub target_lsn: Option<Lsn>,
     /// First WAL segment needed.
@@ -257,10 +275,88 @@ impl WalArchive {
         Ok(meta.wal.and_then(|w| w.last_written))
     }
 
+    /// What the segments along `path` from `from` up to (not including) `to` hold for
+    /// recovery targets, from the catalog or, failing that, from the objects' trailers.
+    pub fn reach(
+        &self,
+        repo: &Repository,
+        path: &TimelinePath,
+        from: u64,
+        to: u64,
+    ) -> Result<Reach> {
+        let mut reach = Reach {
+            complete: true,
+            ..Reach::default()
+        };
+        for segno in from..to {
+            let segment = path.segment(segno, self.segment_size);
+            let summary = match self.records.get(&segment.to_string()) {
+                Some(record) if record.summary.is_some() => record.summary.clone(),
+                _ => {
+                    let key = repo::wal_key(&WalFileName::Segment(segment));
+                    match repo.storage().open(&key)? {
+                        Some(mut reader) => object::read_meta(reader.as_mut(), &key)?
+                            .0
+                            .wal
+                            .and_then(|w| w.summary),
+                        None => None,
+                    }
+                }
+            };
+            let Some(summary) = summary else {
+                reach.complete = false;
+                continue;
+            };
+            reach.complete &= summary.complete;
+            if let Some(end) = summary.last_xact_end {
+                reach.last_xact_end = Some(reach.last_xact_end.map_or(end, |e| e.max(end)));
+            }
+            if let Some(xid) = summary.newest_xid {
+                if reach.newest_xid.is_none_or(|n| xid_follows(xid, n)) {
+                    reach.newest_xid = Some(xid);
+                }
+            }
+            reach.restore_points.extend(summary.restore_points);
+        }
+        Ok(reach)
+    }
+
+    /// The newest restore point named `name` in any summarised segment, and whether every
+    /// segment was summarised (so that "not found" means absent).
+    pub fn find_restore_point(&self, name: &str) -> (Option<NamedPoint>, bool) {
+        let mut all_summarised = true;
+        let mut found: Option<NamedPoint> = None;
+        for record in self.records.values().filter(|r| r.kind == "segment") {
+            let Some(summary) = &record.summary else {
+                all_summarised = false;
+                continue;
+            };
+            for point in summary.restore_points.iter().filter(|p| p.name == name) {
+                if found.as_ref().is_none_or(|f| point.lsn > f.lsn) {
+                    found = Some(point.clone());
+                }
+            }
+        }
+        (found, all_summarised)
+    }
+
     /// The segment size in bytes.
     pub fn segment_size(&self) -> u64 {
         self.segment_size
     }
+}
+
+/// What a stretch of archived WAL holds that recovery targets depend on.
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    /// The latest transaction end (commit or abort) time.
+    pub last_xact_end: Option<DateTime<Utc>>,
+    /// The newest transaction id that ended.
+    pub newest_xid: Option<u32>,
+    /// Restore points, in WAL order.
+    pub restore_points: Vec<NamedPoint>,
+    /// True if and only if every segment was summarised completely.
+    pub complete: bool,
 }
 
 /// Chooses the timeline path for `backup` under `choice`.
@@ -294,13 +390,27 @@ fn path_for(
     Ok(None)
 }
 
-/// Plans recovery to `target`, optionally from a pinned backup.
-pub fn plan(
-    repo: &Repository,
-    target: &Target,
-    timeline: TimelineChoice,
-    pinned: Option<&str>,
-) -> Result<Plan> {
+/// The position of a named restore point: one recorded by `walkeep mark`, else one found
+/// in the summaries of the archived segments.
+fn resolve_name(repo: &Repository, archive: &WalArchive, name: &str) -> Result<Option<Lsn>> {
+    if let Some(point) = points::list(repo)?
+        .into_iter()
+        .rev()
+        .find(|p| p.name == name)
+    {
+        return Ok(Some(point.lsn));
+    }
+    match archive.find_restore_point(name) {
+        (Some(point), _) => Ok(Some(point.lsn)),
+        (None, true) => bail!("there is no restore point named {name:?} in the archived WAL"),
+        (None, false) => Ok(None),
+    }
+}
+
+/// Plans recovery as `request` asks: which backup, which timeline, and a check that the
+/// archive holds what PostgreSQL will need to reach the target.
+pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
+    let target = &request.target;
     let mut backups = manifest::list(repo)?;
     if backups.is_empty() {
         bail!(
@@ -308,8 +418,8 @@ pub fn plan(
             repo.storage().location()
         );
     }
-    if let Some(id) = pinned {
-        backups.retain(|b| b.id == id);
+    if let Some(id) = &request.backup {
+        backups.retain(|b| &b.id == id);
         if backups.is_empty() {
             bail!("no complete backup with id {id} (see `walkeep info`)");
         }
@@ -321,17 +431,15 @@ pub fn plan(
     let target_lsn = match target {
         Target::Lsn(lsn) => Some(*lsn),
         Target::Name(name) => {
-            let found = points::list(repo)?
-                .into_iter()
-                .rev()
-                .find(|p| &p.name == name);
-            if found.is_none() {
+            let lsn = resolve_name(repo, &archive, name)?;
+            if lsn.is_none() {
                 warnings.push(format!(
-                    "restore point {name:?} was not made by `walkeep mark`, so its position is \
-                     unknown: the newest backup is used and PostgreSQL stops if it finds the name"
+                    "the position of restore point {name:?} is unknown (older segments were \
+                     archived without summaries): the newest backup is used, and PostgreSQL \
+                     stops with an error if the name is not in the WAL"
                 ));
             }
-            found.map(|p| p.lsn)
+            lsn
         }
         _ => None,
     };
@@ -339,10 +447,10 @@ pub fn plan(
     let mut reasons = Vec::new();
     // Newest backup first.
     for backup in backups.iter().rev() {
-        let Some(path) = path_for(repo, &archive, backup, timeline)? else {
+        let Some(path) = path_for(repo, &archive, backup, request.timeline)? else {
             reasons.push(format!(
-                "backup {} is on timeline {}, which the requested timeline does not descend from \
-                 after the backup's end",
+                "backup {} is on timeline {}, which the requested timeline does not descend \
+                 from after the backup's end",
                 backup.id, backup.timeline
             ));
             continue;
@@ -365,8 +473,8 @@ pub fn plan(
             };
             reasons.push(if inside {
                 format!(
-                    "{target} lies inside backup {}'s window ({} to {}, {} to {}); recovery can \
-                     stop only after a backup's end",
+                    "{target} lies inside backup {}'s window ({} to {}, {} to {}); recovery \
+                     can stop only after a backup's end",
                     backup.id,
                     backup.start_lsn,
                     backup.stop_lsn,
@@ -399,60 +507,115 @@ pub fn plan(
         }
         let last_present = path.segment(missing - 1, size);
         let gap_then_more = archive.has_any_after(&path, missing);
+        let gap_refusal = |after: &SegmentName| {
+            anyhow::anyhow!(
+                "WAL segment {} is missing: replay along timeline {} would stop at \
+                 {archive_end}, before {target}, although the repository holds later WAL (from \
+                 {after}); restore the missing segment or choose a target before {archive_end}",
+                path.segment(missing, size),
+                path.target(),
+            )
+        };
         let mut last_needed = last_present;
+        let mut recovery_target = target.clone();
         match target {
             Target::Immediate => last_needed = path.segment(stop, size),
             Target::Lsn(_) | Target::Name(_) if target_lsn.is_some() => {
                 let lsn = target_lsn.expect("checked");
                 if lsn >= archive_end {
+                    if let Some(after) = &gap_then_more {
+                        return Err(gap_refusal(after));
+                    }
                     bail!(
-                        "{target} is past the end of the archive: the WAL stored along timeline {} \
-                         ends at {archive_end} (segment {} is not in the repository){}",
+                        "{target} is past the end of the archive: the WAL stored along \
+                         timeline {} ends at {archive_end} (segment {} is not in the \
+                         repository yet)",
                         path.target(),
                         path.segment(missing, size),
-                        gap_note(&gap_then_more)
                     );
                 }
                 last_needed = path.segment(lsn.segment_number(size), size);
             }
-            Target::Time(_) if gap_then_more.is_some() => bail!(
-                "WAL segment {} is missing: replay along timeline {} would stop at {archive_end}, \
-                 before {target}, although the repository holds later WAL (from {}); restore \
-                 the missing segment or choose a target before {archive_end}",
-                path.segment(missing, size),
-                path.target(),
-                gap_then_more.expect("checked")
-            ),
             Target::Time(t) => {
+                if let Some(after) = &gap_then_more {
+                    return Err(gap_refusal(after));
+                }
                 let t = t.with_timezone(&Utc);
-                match archive.last_written(repo, &last_present)? {
+                let reach = archive.reach(repo, &path, first, missing)?;
+                let ends_after = reach.last_xact_end.is_some_and(|end| {
+                    if request.inclusive {
+                        end > t
+                    } else {
+                        end >= t
+                    }
+                });
+                let written = archive.last_written(repo, &last_present)?;
+                match written {
+                    _ if ends_after => {}
                     Some(written) if written < t => bail!(
-                        "{target} is past the end of the archive: the last stored segment along \
-                         timeline {}, {last_present}, was last written at {written}; WAL after \
-                         that is not in the repository yet (switch WAL with pg_switch_wal() or \
-                         wait for archive_timeout){}",
+                        "{target} is past the end of the archive: the last stored segment \
+                         along timeline {}, {last_present}, was last written at {written}; WAL \
+                         after that is not in the repository yet (switch WAL with \
+                         pg_switch_wal() or wait for archive_timeout)",
                         path.target(),
-                        gap_note(&gap_then_more)
                     ),
-                    Some(_) => {}
+                    Some(_) if reach.complete => {
+                        // PostgreSQL stops at a time only on seeing a transaction end after
+                        // it, and fails if there is none. Everything up to the target is
+                        // stored and nothing ended after it: the end of the archive is the
+                        // state at the target.
+                        warnings.push(format!(
+                            "no transaction ended after {target} in the archived WAL (the last \
+                             ended at {}); recovering to the end of the archive, which holds \
+                             the same committed state",
+                            reach
+                                .last_xact_end
+                                .map_or("-".to_string(), |e| e.to_string())
+                        ));
+                        recovery_target = Target::End;
+                    }
+                    Some(_) => warnings.push(format!(
+                        "some segments were archived without summaries, so walkeep cannot tell \
+                         whether a transaction ended after {target}; PostgreSQL stops with an \
+                         error if none did"
+                    )),
                     None => warnings.push(format!(
                         "cannot tell when {last_present} was written; PostgreSQL stops with an \
                          error if the archive ends before {target}"
                     )),
                 }
             }
-            Target::End => {
-                if let Some(after) = gap_then_more {
+            Target::Xid(x) => {
+                let wanted = (*x & 0xFFFF_FFFF) as u32;
+                let reach = archive.reach(repo, &path, first, missing)?;
+                let ended = reach
+                    .newest_xid
+                    .is_some_and(|n| n == wanted || xid_follows(n, wanted));
+                if !ended && reach.complete {
                     bail!(
-                        "WAL segment {} is missing: replay would stop there although the \
-                         repository holds later WAL (from {after}); restore the missing segment \
-                         or choose a target before {archive_end}",
-                        path.segment(missing, size)
+                        "{target} has not ended in the WAL archived after backup {} (the newest \
+                         transaction that ended is {}); PostgreSQL could not stop there",
+                        backup.id,
+                        reach
+                            .newest_xid
+                            .map_or("none".to_string(), |n| n.to_string())
                     );
                 }
+                if let Some(after) = &gap_then_more {
+                    warnings.push(format!(
+                        "WAL segment {} is missing although later WAL exists (from {after}); \
+                         replay cannot go past {archive_end}",
+                        path.segment(missing, size)
+                    ));
+                }
             }
-            _ => {
-                if let Some(after) = gap_then_more {
+            Target::End => {
+                if let Some(after) = &gap_then_more {
+                    return Err(gap_refusal(after));
+                }
+            }
+            Target::Lsn(_) | Target::Name(_) => {
+                if let Some(after) = &gap_then_more {
                     warnings.push(format!(
                         "WAL segment {} is missing although later WAL exists (from {after}); \
                          replay cannot go past {archive_end}",
@@ -467,6 +630,7 @@ pub fn plan(
             backup: backup.clone(),
             timeline: path.target(),
             target: target.to_string(),
+            recovery_target,
             target_lsn,
             first_segment: path.segment(first, size).to_string(),
             last_segment: last_needed.to_string(),
@@ -478,13 +642,6 @@ pub fn plan(
         "no backup can reach {target}:\n  - {}",
         reasons.join("\n  - ")
     )
-}
-
-fn gap_note(after: &Option<SegmentName>) -> String {
-    match after {
-        Some(after) => format!("; later WAL exists from {after}, so this is a gap"),
-        None => String::new(),
-    }
 }
 
 /// What one timeline of the repository can be restored to.

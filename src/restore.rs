@@ -21,7 +21,7 @@ use crate::durable::{self, TempFile};
 use crate::manifest::{self, FileEntry, Manifest};
 use crate::object;
 use crate::parallel;
-use crate::recovery::{self, Plan, Target, TimelineChoice};
+use crate::recovery::{self, Plan, Request, Target, TimelineChoice};
 use crate::repo::Repository;
 
 /// `recovery_target_action`.
@@ -111,12 +111,13 @@ pub fn restore_command_for(location: &str) -> String {
 pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
     // Expiry must not delete the backup or WAL while they are being read.
     let _expire_lock = repo.storage().lock("expire", false)?;
-    let plan = recovery::plan(
-        repo,
-        &options.target,
-        options.timeline,
-        options.backup.as_deref(),
-    )?;
+    let request = Request {
+        target: options.target.clone(),
+        timeline: options.timeline,
+        backup: options.backup.clone(),
+        inclusive: options.inclusive.unwrap_or(true),
+    };
+    let plan = recovery::plan(repo, &request)?;
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }
@@ -294,7 +295,7 @@ fn write_recovery_files(
     let mut set =
         |key: &str, value: &str| conf.push_str(&format!("{key} = {}\n", conf_quote(value)));
     set("restore_command", &options.restore_command);
-    match &options.target {
+    match &plan.recovery_target {
         Target::End => {}
         Target::Immediate => set("recovery_target", "immediate"),
         Target::Time(t) => set(
