@@ -15,6 +15,17 @@
 //! restore_on_error = "fatal"        # or "absent"; see walkeep-restore --help
 //! pgdata = "/var/lib/postgresql/15/main"
 //! conninfo = "host=/var/run/postgresql user=postgres"
+//! spool_dir = "/var/spool/walkeep"  # read-ahead markers and restore prefetch
+//! archive_readahead = 2             # segments pushed ahead in parallel (0: off)
+//! restore_prefetch = 4              # segments fetched ahead in parallel (0: off)
+//!
+//! [s3]                              # for repo = "s3://bucket/prefix"
+//! endpoint = "http://127.0.0.1:8333"
+//! region = "us-east-1"
+//! access_key_id = "..."
+//! secret_access_key = "..."
+//! path_style = true
+//! allow_http = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -50,6 +61,55 @@ pub struct FileConfig {
     pub pgdata: Option<PathBuf>,
     /// libpq connection string for the cluster.
     pub conninfo: Option<String>,
+    /// Local directory for archive read-ahead markers and restore prefetch.
+    pub spool_dir: Option<PathBuf>,
+    /// Segments `walkeep-archive` may push ahead in parallel (0 turns read-ahead off).
+    pub archive_readahead: Option<usize>,
+    /// Segments `walkeep-restore` may fetch ahead in parallel (0 turns prefetch off).
+    pub restore_prefetch: Option<usize>,
+    /// Object storage settings, for `s3://` repositories.
+    pub s3: Option<S3Config>,
+}
+
+/// Settings for an S3-compatible object store. Credentials may instead come from the
+/// usual `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` and `AWS_ENDPOINT_URL`
+/// variables; they are never taken from the command line and never logged.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL, e.g. `http://127.0.0.1:8333`; default: AWS for the region.
+    pub endpoint: Option<String>,
+    /// Region name; default `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Address buckets as `endpoint/bucket` (most non-AWS servers) rather than
+    /// `bucket.endpoint`; default true when an endpoint is given.
+    pub path_style: Option<bool>,
+    /// Allow plain HTTP endpoints (a server on loopback); default false.
+    pub allow_http: Option<bool>,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials, even in debug output.
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field(
+                "access_key_id",
+                &self.access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<set>"),
+            )
+            .field("path_style", &self.path_style)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
 }
 
 impl FileConfig {
