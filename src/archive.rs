@@ -94,13 +94,13 @@ pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> R
         return offer.compare_with_stored();
     }
 
-    let mut writer = storage.create(&offer.key)?;
+    let mut writer = storage.create(&offer.key, Commit::IfAbsent)?;
     let meta = offer.store(&mut writer)?;
     if exit::fault("stall-before-commit") {
         // Lets a test kill the process while the object is written but not published.
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
-    match writer.commit(Commit::IfAbsent)? {
+    match writer.commit()? {
         Committed::Created => offer.record(meta),
         // Another archiver (a standby with archive_mode=always) stored it meanwhile.
         Committed::AlreadyExists => offer.compare_with_stored(),
@@ -179,9 +179,9 @@ impl Offer<'_> {
                      checksum matches the recorded one",
                     self.name
                 );
-                let mut writer = storage.create(key)?;
+                let mut writer = storage.create(key, Commit::Replace)?;
                 let meta = self.store(&mut writer)?;
-                writer.commit(Commit::Replace)?;
+                writer.commit()?;
                 self.record(meta)
             }
             Ok(recorded) => Err(self.conflict(recorded, offered)),

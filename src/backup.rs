@@ -443,7 +443,7 @@ fn copy_one(repo: &Repository, id: &str, source: &Source, level: i32) -> Result<
         }
     };
     let key = manifest::file_key(id, &source.rel);
-    let mut writer = repo.storage().create(&key)?;
+    let mut writer = repo.storage().create(&key, Commit::Replace)?;
     let meta = object::encode(
         BufReader::with_capacity(1 << 20, file),
         &mut writer,
@@ -451,7 +451,7 @@ fn copy_one(repo: &Repository, id: &str, source: &Source, level: i32) -> Result<
         &source.rel,
         None,
     )?;
-    writer.commit(Commit::Replace)?;
+    writer.commit()?;
     let stored_size = repo.storage().size(&key)?.unwrap_or(0);
     Ok(Some(FileEntry {
         path: source.rel.clone(),

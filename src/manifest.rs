@@ -104,14 +104,15 @@ pub fn data_prefix(id: &str) -> String {
 }
 
 /// Key of one stored file of a backup. Path parts that start with a dot, which object
-/// keys may not, are escaped as `%2E`; a literal `%` becomes `%25`.
+/// keys may not, are escaped as `+2E`; a literal `+` becomes `+2B`. (`%` would be
+/// re-encoded by object-store clients; `+` passes through unchanged.)
 pub fn file_key(id: &str, path: &str) -> String {
     let escaped: Vec<String> = path
         .split('/')
         .map(|part| {
-            let part = part.replace('%', "%25");
+            let part = part.replace('+', "+2B");
             match part.strip_prefix('.') {
-                Some(rest) => format!("%2E{rest}"),
+                Some(rest) => format!("+2E{rest}"),
                 None => part,
             }
         })
@@ -122,9 +123,9 @@ pub fn file_key(id: &str, path: &str) -> String {
 /// Publishes a manifest, which makes the backup visible.
 pub fn publish(repo: &Repository, manifest: &Manifest) -> Result<()> {
     let key = manifest_key(&manifest.id);
-    let mut writer = repo.storage().create(&key)?;
+    let mut writer = repo.storage().create(&key, Commit::IfAbsent)?;
     serde_json::to_writer_pretty(&mut writer, manifest)?;
-    match writer.commit(Commit::IfAbsent)? {
+    match writer.commit()? {
         Committed::Created => Ok(()),
         Committed::AlreadyExists => {
             anyhow::bail!("a backup with id {} exists already", manifest.id)
@@ -176,8 +177,8 @@ mod tests {
             file_key("B", "base/1/1259"),
             "backups/B/data/base/1/1259.zst"
         );
-        assert_eq!(file_key("B", ".hidden/x"), "backups/B/data/%2Ehidden/x.zst");
-        assert_eq!(file_key("B", "a%b"), "backups/B/data/a%25b.zst");
+        assert_eq!(file_key("B", ".hidden/x"), "backups/B/data/+2Ehidden/x.zst");
+        assert_eq!(file_key("B", "a+b"), "backups/B/data/a+2Bb.zst");
         crate::storage::validate_key(&file_key("B", "dir/.x/.y")).unwrap();
     }
 }

@@ -180,10 +180,10 @@ impl Repository {
             crate::durable::create_dir_all(Path::new(path))?;
         }
         let storage = storage_for(location)?;
-        let mut writer = storage.create(IDENTITY_KEY)?;
+        let mut writer = storage.create(IDENTITY_KEY, Commit::IfAbsent)?;
         serde_json::to_writer_pretty(&mut writer, &identity)?;
         writer.write_all(b"\n")?;
-        match writer.commit(Commit::IfAbsent)? {
+        match writer.commit()? {
             Committed::Created => Ok((Repository { storage, identity }, true)),
             Committed::AlreadyExists => {
                 let repo = Repository::open_storage(storage)?;

@@ -104,6 +104,7 @@ impl LocalStorage {
 struct LocalWriter {
     temp: TempFile,
     final_path: PathBuf,
+    mode: Commit,
 }
 
 impl Write for LocalWriter {
@@ -117,8 +118,8 @@ impl Write for LocalWriter {
 }
 
 impl ObjectWriter for LocalWriter {
-    fn commit(self: Box<Self>, mode: Commit) -> Result<Committed> {
-        let LocalWriter { temp, final_path } = *self;
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        let LocalWriter { temp, final_path, mode } = *self;
         match mode {
             Commit::IfAbsent => Ok(match temp.publish_no_clobber(&final_path)? {
                 Published::Created => Committed::Created,
@@ -175,7 +176,7 @@ impl Storage for LocalStorage {
         }
     }
 
-    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+    fn create(&self, key: &str, mode: Commit) -> Result<Box<dyn ObjectWriter>> {
         let final_path = self.path(key)?;
         let dir = final_path
             .parent()
@@ -188,7 +189,7 @@ impl Storage for LocalStorage {
             .expect("validated key");
         durable::sweep_stale(&dir, name);
         let temp = TempFile::new_in(&dir, name)?;
-        Ok(Box::new(LocalWriter { temp, final_path }))
+        Ok(Box::new(LocalWriter { temp, final_path, mode }))
     }
 
     fn delete(&self, key: &str) -> Result<()> {
@@ -353,9 +354,9 @@ mod tests {
     }
 
     fn put(s: &LocalStorage, key: &str, data: &[u8], mode: Commit) -> Committed {
-        let mut w = s.create(key).unwrap();
+        let mut w = s.create(key, mode).unwrap();
         w.write_all(data).unwrap();
-        w.commit(mode).unwrap()
+        w.commit().unwrap()
     }
 
     fn get(s: &LocalStorage, key: &str) -> Option<Vec<u8>> {
@@ -369,7 +370,7 @@ mod tests {
     #[test]
     fn objects_are_invisible_until_committed() {
         let (_dir, s) = storage();
-        let mut w = s.create("a/b").unwrap();
+        let mut w = s.create("a/b", Commit::IfAbsent).unwrap();
         w.write_all(b"x").unwrap();
         assert_eq!(get(&s, "a/b"), None);
         assert!(s.list("").unwrap().is_empty());

@@ -47,8 +47,9 @@ pub enum Committed {
 
 /// An object being written. Nothing is visible before [`ObjectWriter::commit`].
 pub trait ObjectWriter: Write + Send {
-    /// Makes the written bytes durable and visible under the key.
-    fn commit(self: Box<Self>, mode: Commit) -> Result<Committed>;
+    /// Makes the written bytes durable and visible under the key, as the [`Commit`] mode
+    /// given to [`Storage::create`] says.
+    fn commit(self: Box<Self>) -> Result<Committed>;
 }
 
 /// A listed object.
@@ -78,8 +79,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The size of an object, or `Ok(None)` if absent.
     fn size(&self, key: &str) -> Result<Option<u64>>;
 
-    /// Starts a new object under `key`.
-    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
+    /// Starts a new object under `key`, to be published as `mode` says. The mode is fixed
+    /// up front because an object store must know it before the upload starts: a
+    /// conditional create is one request, a large replaceable object a multipart upload.
+    fn create(&self, key: &str, mode: Commit) -> Result<Box<dyn ObjectWriter>>;
 
     /// Removes an object; removing an absent object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
