@@ -277,8 +277,8 @@ fn timeline_of(text: &str) -> Result<TimelineChoice> {
 }
 
 fn restore(args: RestoreArgs) -> Result<()> {
-    let (_, location) = args.repo.resolve()?;
-    let repo = Repository::open(&location)?;
+    let (file, location) = args.repo.resolve()?;
+    let repo = Repository::open_with(&location, &file)?;
     let target = target_of(&args)?;
     let timeline = timeline_of(&args.target_timeline)?;
     if args.dry_run {
@@ -329,8 +329,8 @@ fn restore(args: RestoreArgs) -> Result<()> {
 }
 
 fn info(repo: RepoArgs, json: bool) -> Result<()> {
-    let (_, location) = repo.resolve()?;
-    let repo = Repository::open(&location)?;
+    let (file, location) = repo.resolve()?;
+    let repo = Repository::open_with(&location, &file)?;
     let backups = manifest::list(&repo)?;
     let windows = recovery::windows(&repo)?;
     if json {
@@ -539,7 +539,7 @@ fn run(command: Command) -> Result<()> {
         Command::Init { repo, pgdata } => {
             let (file, location) = repo.resolve()?;
             let pgdata = pgdata_of(pgdata, &file)?;
-            let (repo, created) = Repository::init(&location, &pgdata)?;
+            let (repo, created) = Repository::init(&location, &pgdata, &file)?;
             let id = repo.identity();
             let verb = if created {
                 "initialised"
@@ -555,7 +555,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Backup(args) => {
             let (file, location) = args.repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let repo = Repository::open_with(&location, &file)?;
             let options = backup::BackupOptions {
                 pgdata: pgdata_of(args.pgdata, &file)?,
                 conninfo: args.conninfo.or(file.conninfo.clone()),
@@ -596,8 +596,8 @@ fn run(command: Command) -> Result<()> {
             jobs: j,
             json,
         } => {
-            let (_, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let (file, location) = repo.resolve()?;
+            let repo = Repository::open_with(&location, &file)?;
             let report = verify::run(&repo, jobs(j), !json)?;
             print_verify(&report, json)?;
             if !report.is_whole() {
@@ -611,7 +611,7 @@ fn run(command: Command) -> Result<()> {
             json,
         } => {
             let (file, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let repo = Repository::open_with(&location, &file)?;
             let conninfo = conninfo.or(file.conninfo.clone());
             let configured = file
                 .repo
@@ -649,7 +649,7 @@ fn run(command: Command) -> Result<()> {
             prometheus,
         } => {
             let (file, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let repo = Repository::open_with(&location, &file)?;
             let conninfo = conninfo.or(file.conninfo.clone());
             let pgdata = pgdata_of(pgdata, &file).ok();
             let status = runtime()?.block_on(status::gather(
@@ -674,8 +674,8 @@ fn run(command: Command) -> Result<()> {
             dry_run,
             json,
         } => {
-            let (_, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let (file, location) = repo.resolve()?;
+            let repo = Repository::open_with(&location, &file)?;
             let plan = expire::run(&repo, expire::Policy { keep, keep_days }, dry_run)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -711,7 +711,7 @@ fn run(command: Command) -> Result<()> {
             name,
         } => {
             let (file, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let repo = Repository::open_with(&location, &file)?;
             let conninfo = conninfo.or(file.conninfo.clone());
             let point =
                 runtime()?.block_on(points::mark(&repo, conninfo.as_deref(), &name, switch_wal))?;
@@ -726,8 +726,8 @@ fn run(command: Command) -> Result<()> {
         Command::Catalog {
             action: CatalogAction::Rebuild { repo },
         } => {
-            let (_, location) = repo.resolve()?;
-            let repo = Repository::open(&location)?;
+            let (file, location) = repo.resolve()?;
+            let repo = Repository::open_with(&location, &file)?;
             let rebuilt = catalog::rebuild(&repo)?;
             println!("catalog rebuilt: {} WAL files", rebuilt.records);
             if !rebuilt.damaged.is_empty() {

@@ -90,6 +90,10 @@ pub struct S3Config {
     pub path_style: Option<bool>,
     /// Allow plain HTTP endpoints (a server on loopback); default false.
     pub allow_http: Option<bool>,
+    /// Retries of a failed request (throttling, timeouts, 5xx) before giving up; default 5.
+    pub max_retries: Option<usize>,
+    /// Seconds after which a request is no longer retried; default 60.
+    pub retry_timeout_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -108,6 +112,8 @@ impl std::fmt::Debug for S3Config {
             )
             .field("path_style", &self.path_style)
             .field("allow_http", &self.allow_http)
+            .field("max_retries", &self.max_retries)
+            .field("retry_timeout_secs", &self.retry_timeout_secs)
             .finish()
     }
 }

@@ -26,7 +26,9 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::config::FileConfig;
 use crate::storage::local::LocalStorage;
+use crate::storage::s3::S3Storage;
 use crate::storage::{Commit, Committed, Storage};
 use crate::wal::{self, LongPageHeader, SegmentExpectation, SegmentName, WalFileName};
 
@@ -156,13 +158,17 @@ pub struct Repository {
     identity: Identity,
 }
 
-/// Opens the storage a location names: a path or `file://` URL.
-pub fn storage_for(location: &str) -> Result<Box<dyn Storage>> {
+/// Opens the storage a location names: a path or `file://` URL for a local directory,
+/// `s3://bucket/prefix` for object storage (configured by `config` and `AWS_*`).
+pub fn storage_for(location: &str, config: &FileConfig) -> Result<Box<dyn Storage>> {
     if let Some(path) = location.strip_prefix("file://") {
         return Ok(Box::new(LocalStorage::new(path)));
     }
+    if location.starts_with("s3://") {
+        return Ok(Box::new(S3Storage::new(location, config.s3.as_ref())?));
+    }
     if let Some((scheme, _)) = location.split_once("://") {
-        bail!("repository URL scheme {scheme}:// is not supported; use a path or file://");
+        bail!("repository URL scheme {scheme}:// is not supported; use a path, file:// or s3://");
     }
     if location.is_empty() {
         bail!("empty repository location");
@@ -173,13 +179,13 @@ pub fn storage_for(location: &str) -> Result<Box<dyn Storage>> {
 impl Repository {
     /// Initialises a repository for the cluster in `pgdata`. Initialising again for the same
     /// cluster changes nothing; for another cluster it is refused.
-    pub fn init(location: &str, pgdata: &Path) -> Result<(Repository, bool)> {
+    pub fn init(location: &str, pgdata: &Path, config: &FileConfig) -> Result<(Repository, bool)> {
         let identity = Identity::of_data_directory(pgdata)?;
         if !location.contains("://") || location.starts_with("file://") {
             let path = location.strip_prefix("file://").unwrap_or(location);
             crate::durable::create_dir_all(Path::new(path))?;
         }
-        let storage = storage_for(location)?;
+        let storage = storage_for(location, config)?;
         let mut writer = storage.create(IDENTITY_KEY, Commit::IfAbsent)?;
         serde_json::to_writer_pretty(&mut writer, &identity)?;
         writer.write_all(b"\n")?;
@@ -204,9 +210,21 @@ impl Repository {
         }
     }
 
-    /// Opens the repository at `location`, which must have been initialised.
+    /// Opens the repository at `location`, which must have been initialised, with object
+    /// storage settings from `config`.
+    pub fn open_with(location: &str, config: &FileConfig) -> Result<Repository> {
+        Repository::open_storage(storage_for(location, config)?)
+    }
+
+    /// Opens the repository at `location` with the default configuration file's object
+    /// storage settings (a local repository needs none).
     pub fn open(location: &str) -> Result<Repository> {
-        Repository::open_storage(storage_for(location)?)
+        let config = if location.starts_with("s3://") {
+            FileConfig::load(None)?
+        } else {
+            FileConfig::default()
+        };
+        Repository::open_with(location, &config)
     }
 
     /// Opens an initialised repository on `storage`.
@@ -316,7 +334,9 @@ mod tests {
 
     #[test]
     fn unknown_scheme_is_refused() {
-        assert!(storage_for("ftp://host/x").is_err());
-        assert!(storage_for("").is_err());
+        let config = FileConfig::default();
+        assert!(storage_for("ftp://host/x", &config).is_err());
+        assert!(storage_for("", &config).is_err());
+        assert!(storage_for("s3://", &config).is_err());
     }
 }

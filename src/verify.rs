@@ -225,7 +225,7 @@ fn is_metadata_key(key: &str) -> bool {
     key == IDENTITY_KEY
         || (key.starts_with("manifests/") && key.ends_with(".json"))
         || (key.starts_with("catalog/") && key.ends_with(".jsonl"))
-        || (key.starts_with("locks/") && key.ends_with(".lock"))
+        || key.starts_with("locks/")
 }
 
 /// Decompresses and checks one object; returns its original size or what is wrong.

@@ -119,7 +119,11 @@ impl Write for LocalWriter {
 
 impl ObjectWriter for LocalWriter {
     fn commit(self: Box<Self>) -> Result<Committed> {
-        let LocalWriter { temp, final_path, mode } = *self;
+        let LocalWriter {
+            temp,
+            final_path,
+            mode,
+        } = *self;
         match mode {
             Commit::IfAbsent => Ok(match temp.publish_no_clobber(&final_path)? {
                 Published::Created => Committed::Created,
@@ -189,7 +193,11 @@ impl Storage for LocalStorage {
             .expect("validated key");
         durable::sweep_stale(&dir, name);
         let temp = TempFile::new_in(&dir, name)?;
-        Ok(Box::new(LocalWriter { temp, final_path, mode }))
+        Ok(Box::new(LocalWriter {
+            temp,
+            final_path,
+            mode,
+        }))
     }
 
     fn delete(&self, key: &str) -> Result<()> {

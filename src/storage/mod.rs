@@ -17,6 +17,7 @@
 //!   concurrent appends, and are durable when the call returns.
 
 pub mod local;
+pub mod s3;
 
 use std::io::{Read, Seek, Write};
 
