@@ -277,6 +277,11 @@ fn timeline_of(text: &str) -> Result<TimelineChoice> {
 }
 
 fn restore(args: RestoreArgs) -> Result<()> {
+    let config_path = args
+        .repo
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("WALKEEP_CONFIG").map(PathBuf::from));
     let (file, location) = args.repo.resolve()?;
     let repo = Repository::open_with(&location, &file)?;
     let target = target_of(&args)?;
@@ -310,7 +315,7 @@ fn restore(args: RestoreArgs) -> Result<()> {
         force: args.force,
         jobs: jobs(args.jobs),
         tablespace_mapping: mapping,
-        restore_command: walkeep::restore::restore_command_for(&location),
+        restore_command: walkeep::restore::restore_command_for(&location, config_path.as_deref()),
         progress: true,
     };
     let began = std::time::Instant::now();

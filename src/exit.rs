@@ -60,6 +60,23 @@ pub fn fault(point: &str) -> bool {
     std::env::var("WALKEEP_TEST_FAULT").is_ok_and(|v| v == point)
 }
 
+/// Test-only: sleeps at `point` when `WALKEEP_TEST_FAULT` is `point` (for an hour: the
+/// test kills the process) or `point:SECONDS`.
+pub fn stall(point: &str) {
+    let Ok(value) = std::env::var("WALKEEP_TEST_FAULT") else {
+        return;
+    };
+    let seconds = match value.strip_prefix(point) {
+        Some("") => 3600,
+        Some(rest) => match rest.strip_prefix(':').and_then(|s| s.parse().ok()) {
+            Some(seconds) => seconds,
+            None => return,
+        },
+        None => return,
+    };
+    std::thread::sleep(std::time::Duration::from_secs(seconds));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,8 +90,9 @@ pub fn conf_quote(text: &str) -> String {
 }
 
 /// The `restore_command` for a repository: the `walkeep-restore` next to the running
-/// binary (else the one on PATH), with the repository given explicitly.
-pub fn restore_command_for(location: &str) -> String {
+/// binary (else the one on PATH), with the repository given explicitly, and the
+/// configuration file when one was named (object storage settings live there).
+pub fn restore_command_for(location: &str, config: Option<&Path>) -> String {
     let exe = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("walkeep-restore")))
@@ -100,8 +101,12 @@ pub fn restore_command_for(location: &str) -> String {
             || "walkeep-restore".to_string(),
             |p| p.display().to_string(),
         );
+    let config = config
+        .and_then(|c| c.canonicalize().ok())
+        .map(|c| format!(" --config {}", shell_quote(&c.display().to_string())))
+        .unwrap_or_default();
     format!(
-        "{} --repo {} %f %p",
+        "{} --repo {}{config} %f %p",
         shell_quote(&exe),
         shell_quote(location)
     )

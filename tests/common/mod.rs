@@ -17,6 +17,8 @@
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::env;
 use std::ffi::OsStr;
 use std::fs;
