@@ -449,6 +449,9 @@ fn print_verify(report: &verify::Report, json: bool) -> Result<()> {
             );
         }
     }
+    for name in &report.missing_history {
+        println!("MISSING  {name}: its timeline has segments, but where it branched is unknown");
+    }
     for name in &report.partial_segments {
         println!("partial  {name} (end of an old timeline; not used in place of the full segment)");
     }

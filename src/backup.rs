@@ -271,7 +271,8 @@ pub fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
 /// killed copy included. Only called while the backup lock is held, so no such backup is
 /// still running.
 pub fn remove_interrupted(repo: &Repository) -> Result<()> {
-    let complete: HashSet<String> = manifest::list(repo)?.into_iter().map(|m| m.id).collect();
+    // A backup whose manifest exists but is unreadable is damaged, not interrupted.
+    let complete = manifest::list_all(repo)?.ids();
     for id in repo.storage().list_children("backups/")? {
         if !complete.contains(&id) {
             repo.storage().delete_prefix(&format!("backups/{id}/"))?;

@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::lsn::Lsn;
 use crate::pg;
 use crate::repo::{self, Repository};
 use crate::wal::{SegmentName, WalFileName};
@@ -151,7 +150,7 @@ pub async fn run(
     }
     let archive_mode = setting(&client, "archive_mode").await?;
     match archive_mode.as_str() {
-        "on" | "always" => report.push("archive_mode", "ok", archive_mode),
+        "on" | "always" => report.push("archive_mode", "ok", archive_mode.clone()),
         _ => report.push(
             "archive_mode",
             "fail",
@@ -160,7 +159,14 @@ pub async fn run(
     }
     let command = setting(&client, "archive_command").await?;
     let named = repo_in_command(&command);
-    if !command.contains("walkeep-archive") {
+    if !matches!(archive_mode.as_str(), "on" | "always") {
+        // PostgreSQL shows "(disabled)" instead of the command while archiving is off.
+        report.push(
+            "archive_command",
+            "warn",
+            "not checked: archive_mode is off",
+        );
+    } else if !command.contains("walkeep-archive") {
         report.push(
             "archive_command",
             "fail",
@@ -239,16 +245,14 @@ pub async fn run(
         )
         .await
         .context("failed to write a WAL record")?;
-    let row = client
-        .query_one(
-            "SELECT pg_switch_wal()::text, (SELECT timeline_id FROM pg_control_checkpoint())::int",
-            &[],
-        )
-        .await?;
-    let lsn: Lsn = row.get::<_, String>(0).parse()?;
-    let timeline = row.get::<_, i32>(1) as u32;
-    let segment =
-        SegmentName::containing(timeline, Lsn(lsn.0.saturating_sub(1)), repo.segment_size());
+    // pg_walfile_name names the segment the switch ended, on the timeline the server
+    // writes now (the last checkpoint's timeline lags behind right after a promotion).
+    let name: String = client
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .context("failed to switch WAL")?
+        .get(0);
+    let segment: SegmentName = name.parse()?;
     let key = repo::wal_key(&WalFileName::Segment(segment));
     let began = Instant::now();
     loop {

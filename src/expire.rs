@@ -81,7 +81,14 @@ pub fn plan(repo: &Repository, policy: Policy, now: DateTime<Utc>) -> Result<Exp
     if policy.keep == Some(0) {
         bail!("--keep 0 would expire every backup; the newest is always kept, use --keep 1");
     }
-    let backups = manifest::list(repo)?;
+    let listing = manifest::list_all(repo)?;
+    if let Some((key, err)) = listing.unreadable.first() {
+        bail!(
+            "backup manifest {key} is unreadable ({err}); expiring without knowing what that \
+             backup needs could delete it - repair or remove the manifest first"
+        );
+    }
+    let backups = listing.manifests;
     let keep = kept(&backups, policy, now);
     let (kept_backups, expired): (Vec<&Manifest>, Vec<&Manifest>) =
         backups.iter().partition(|b| keep.contains(&b.id));

@@ -134,16 +134,62 @@ pub fn publish(repo: &Repository, manifest: &Manifest) -> Result<()> {
 }
 
 /// Every complete backup, oldest first.
+///
+/// A manifest that cannot be read is left out with a warning: one damaged backup must not
+/// keep the others from being listed or restored. Commands that delete (backup, expire)
+/// use [`list_all`] instead, so that a damaged manifest never makes its backup look
+/// interrupted.
 pub fn list(repo: &Repository) -> Result<Vec<Manifest>> {
-    let mut manifests = Vec::new();
+    let listing = list_all(repo)?;
+    for (key, err) in &listing.unreadable {
+        tracing::warn!("backup manifest {key} is unreadable and left out: {err}");
+    }
+    Ok(listing.manifests)
+}
+
+/// Every manifest, readable ones and the keys of unreadable ones.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Readable manifests, oldest first.
+    pub manifests: Vec<Manifest>,
+    /// Keys of unreadable manifests, with the reason.
+    pub unreadable: Vec<(String, String)>,
+}
+
+impl Listing {
+    /// The ids of every backup that has a manifest, readable or not.
+    pub fn ids(&self) -> std::collections::HashSet<String> {
+        let damaged = self.unreadable.iter().filter_map(|(key, _)| {
+            key.strip_prefix("manifests/")?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        });
+        self.manifests
+            .iter()
+            .map(|m| m.id.clone())
+            .chain(damaged)
+            .collect()
+    }
+}
+
+/// Reads every manifest, keeping apart those that cannot be read.
+pub fn list_all(repo: &Repository) -> Result<Listing> {
+    let mut listing = Listing::default();
     for info in repo.storage().list("manifests/")? {
         if !info.key.ends_with(".json") {
             continue;
         }
-        manifests.push(load_key(repo, &info.key)?);
+        match load_key(repo, &info.key) {
+            Ok(manifest) => listing.manifests.push(manifest),
+            Err(e) => listing
+                .unreadable
+                .push((info.key.clone(), format!("{e:#}"))),
+        }
     }
-    manifests.sort_by(|a, b| a.stop_lsn.cmp(&b.stop_lsn).then(a.id.cmp(&b.id)));
-    Ok(manifests)
+    listing
+        .manifests
+        .sort_by(|a, b| a.stop_lsn.cmp(&b.stop_lsn).then(a.id.cmp(&b.id)));
+    Ok(listing)
 }
 
 /// The manifest of backup `id`.

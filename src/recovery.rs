@@ -428,6 +428,18 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
     let size = archive.segment_size();
 
     let mut warnings = Vec::new();
+    let histories: BTreeSet<u32> = archive.history_timelines().collect();
+    for timeline in archive
+        .timelines()
+        .into_iter()
+        .filter(|t| *t > 1 && !histories.contains(t))
+    {
+        warnings.push(format!(
+            "timeline {timeline} has segments but no history file, so it cannot be followed; \
+             archive {} to recover along it",
+            WalFileName::History(timeline)
+        ));
+    }
     let target_lsn = match target {
         Target::Lsn(lsn) => Some(*lsn),
         Target::Name(name) => {

@@ -87,6 +87,9 @@ pub struct Report {
     pub gaps: Vec<Gap>,
     /// Partial segments (ends of timelines left by promotions).
     pub partial_segments: Vec<String>,
+    /// History files missing for timelines that have segments: without them, nothing can
+    /// tell which timeline a later one branched from, nor where.
+    pub missing_history: Vec<String>,
     /// One verdict per backup.
     pub backups: Vec<BackupVerdict>,
 }
@@ -97,6 +100,7 @@ impl Report {
         self.damaged.is_empty()
             && self.foreign.is_empty()
             && self.gaps.is_empty()
+            && self.missing_history.is_empty()
             && self.backups.iter().all(|b| b.problems.is_empty())
     }
 }
@@ -129,8 +133,16 @@ pub fn run(repo: &Repository, jobs: usize, progress: bool) -> Result<Report> {
     let _expire_lock = repo.storage().lock("expire", false)?;
     let mut report = Report::default();
     let listing = repo.storage().list("")?;
-    let manifests = manifest::list(repo)?;
-    let complete: BTreeSet<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
+    let manifest_listing = manifest::list_all(repo)?;
+    for (key, detail) in &manifest_listing.unreadable {
+        report.damaged.push(Problem {
+            key: key.clone(),
+            detail: detail.clone(),
+        });
+    }
+    let ids = manifest_listing.ids();
+    let manifests = manifest_listing.manifests;
+    let complete: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
 
     // Sort every key into its place in the layout.
     let mut checks: Vec<(String, u64, Expect)> = Vec::new();
@@ -264,6 +276,14 @@ fn check_object(repo: &Repository, key: &str, expect: &Expect) -> Result<u64, St
 fn check_continuity(repo: &Repository, manifests: &[Manifest], report: &mut Report) -> Result<()> {
     let archive = WalArchive::load(repo)?;
     let size = archive.segment_size();
+    let histories: BTreeSet<u32> = archive.history_timelines().collect();
+    for timeline in archive.timelines() {
+        if timeline > 1 && !histories.contains(&timeline) {
+            report
+                .missing_history
+                .push(WalFileName::History(timeline).to_string());
+        }
+    }
     let mut seen = BTreeSet::new();
     for timeline in archive.timelines() {
         let path = match archive.path(repo, timeline) {
