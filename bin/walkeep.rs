@@ -356,6 +356,7 @@ fn info(repo: RepoArgs, json: bool) -> Result<()> {
             "pg_major_version": repo.identity().pg_major_version,
             "backups": backups,
             "recovery_windows": windows,
+            "restore_points": points::list(&repo)?,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -386,6 +387,20 @@ fn info(repo: RepoArgs, json: bool) -> Result<()> {
         println!("(no backups)");
     }
     println!();
+    let marks = points::list(&repo)?;
+    if !marks.is_empty() {
+        println!("restore points:");
+        for p in &marks {
+            println!(
+                "  {:<30} {:<12} timeline {} {}",
+                p.name,
+                p.lsn.to_string(),
+                p.timeline,
+                p.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
+        println!();
+    }
     println!("recovery window:");
     for w in &windows {
         let latest_time = w.latest_time.map_or("?".to_string(), |t| {

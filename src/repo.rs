@@ -70,34 +70,10 @@ impl Identity {
     /// and system identifier and sizes from the header of a segment in `pg_wal`,
     /// cross-checked against the system identifier at the start of `global/pg_control`.
     pub fn of_data_directory(pgdata: &Path) -> Result<Identity> {
-        let version_path = pgdata.join("PG_VERSION");
-        let version = fs::read_to_string(&version_path).with_context(|| {
-            format!(
-                "failed to read {}: is {} a data directory?",
-                version_path.display(),
-                pgdata.display()
-            )
-        })?;
-        let pg_major_version: u32 = version.trim().parse().with_context(|| {
-            format!(
-                "unexpected content in {}: {version:?}",
-                version_path.display()
-            )
-        })?;
+        let (control_sysid, pg_major_version) = control_identity(pgdata)?;
         if wal::magic_of_major_version(pg_major_version).is_none() {
             bail!("PostgreSQL {pg_major_version} is not supported (12 to 18 are)");
         }
-
-        let control_path = pgdata.join("global/pg_control");
-        let control = fs::read(&control_path)
-            .with_context(|| format!("failed to read {}", control_path.display()))?;
-        let control_sysid = u64::from_le_bytes(
-            control
-                .get(..8)
-                .context("pg_control is too short")?
-                .try_into()
-                .unwrap(),
-        );
 
         let header = newest_segment_header(&pgdata.join("pg_wal"))?;
         if header.system_identifier != control_sysid {
@@ -130,6 +106,39 @@ impl Identity {
             && self.wal_segment_size == other.wal_segment_size
             && self.wal_block_size == other.wal_block_size
     }
+}
+
+/// True if and only if `pg_wal` holds at least one WAL segment.
+fn has_segments(pg_wal: &Path) -> bool {
+    fs::read_dir(pg_wal).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .any(|n| n.parse::<SegmentName>().is_ok())
+    })
+}
+
+/// The system identifier (the first field of `global/pg_control`) and the major version
+/// (`PG_VERSION`) of a data directory.
+pub fn control_identity(pgdata: &Path) -> Result<(u64, u32)> {
+    let version_path = pgdata.join("PG_VERSION");
+    let version = fs::read_to_string(&version_path).with_context(|| {
+        format!(
+            "failed to read {}: is {} a data directory?",
+            version_path.display(),
+            pgdata.display()
+        )
+    })?;
+    let version: u32 = version.trim().parse().with_context(|| {
+        format!(
+            "unexpected content in {}: {version:?}",
+            version_path.display()
+        )
+    })?;
+    let control_path = pgdata.join("global/pg_control");
+    let control = fs::read(&control_path)
+        .with_context(|| format!("failed to read {}", control_path.display()))?;
+    let sysid = control.get(..8).context("pg_control is too short")?;
+    Ok((u64::from_le_bytes(sysid.try_into().unwrap()), version))
 }
 
 fn newest_segment_header(pg_wal: &Path) -> Result<LongPageHeader> {
@@ -180,6 +189,9 @@ impl Repository {
     /// Initialises a repository for the cluster in `pgdata`. Initialising again for the same
     /// cluster changes nothing; for another cluster it is refused.
     pub fn init(location: &str, pgdata: &Path, config: &FileConfig) -> Result<(Repository, bool)> {
+        if !has_segments(&pgdata.join("pg_wal")) {
+            return Repository::init_without_wal(location, pgdata, config);
+        }
         let identity = Identity::of_data_directory(pgdata)?;
         if !location.contains("://") || location.starts_with("file://") {
             let path = location.strip_prefix("file://").unwrap_or(location);
@@ -208,6 +220,35 @@ impl Repository {
                 Ok((repo, false))
             }
         }
+    }
+
+    /// A data directory restored but not started yet has no WAL to read the sizes from. It
+    /// can still be matched against an existing repository, by the system identifier in
+    /// `pg_control` and the major version; a new repository needs the server started once.
+    fn init_without_wal(
+        location: &str,
+        pgdata: &Path,
+        config: &FileConfig,
+    ) -> Result<(Repository, bool)> {
+        let (sysid, version) = control_identity(pgdata)?;
+        let repo = Repository::open_with(location, config).with_context(|| {
+            format!(
+                "{} has no WAL segment yet to take the cluster's identity from; start the \
+                 server once, then run walkeep init",
+                pgdata.join("pg_wal").display()
+            )
+        })?;
+        let id = &repo.identity;
+        if id.system_identifier != sysid || id.pg_major_version != version {
+            bail!(
+                "repository {location} belongs to system {}, PostgreSQL {}; the data \
+                 directory {} is system {sysid}, PostgreSQL {version}",
+                id.system_identifier,
+                id.pg_major_version,
+                pgdata.display()
+            );
+        }
+        Ok((repo, false))
     }
 
     /// Opens the repository at `location`, which must have been initialised, with object

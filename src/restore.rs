@@ -313,7 +313,14 @@ fn write_recovery_files(
         Target::Xid(xid) => set("recovery_target_xid", &xid.to_string()),
         Target::Name(name) => set("recovery_target_name", name),
     }
-    set("recovery_target_timeline", &plan.timeline.to_string());
+    // A standby must follow its primary onto new timelines; a one-off recovery is pinned to
+    // the timeline it was planned along, so that a timeline that branched before the
+    // backup cannot be picked by mistake.
+    if options.standby && options.timeline == TimelineChoice::Latest {
+        set("recovery_target_timeline", "latest");
+    } else {
+        set("recovery_target_timeline", &plan.timeline.to_string());
+    }
     if let Some(inclusive) = options.inclusive {
         set(
             "recovery_target_inclusive",

@@ -1039,3 +1039,56 @@ fn all_entries(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A copy restored but not started yet has no WAL in pg_wal, yet belongs to the
+/// repository: `walkeep init` on it (as an installer does) must see that and change nothing.
+/// A standby restore follows the latest timeline; `info` lists `walkeep mark` points.
+#[test]
+fn restored_copy_standby_settings_and_listed_restore_points() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    source.backup();
+    run_ok(walkeep("mark", &source.repo).args([
+        "-d",
+        &source.cluster.conninfo(),
+        "--switch-wal",
+        "before-release",
+    ]));
+
+    let to = scratch.path().join("standby");
+    let output = source.restore(&to, &["--standby"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(to.join("standby.signal").is_file());
+    let conf = fs::read_to_string(to.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        conf.contains("recovery_target_timeline = 'latest'"),
+        "{conf}"
+    );
+
+    let identity = fs::read(source.repo.join("repository.json")).unwrap();
+    let output = run(walkeep("init", &source.repo).arg("--pgdata").arg(&to));
+    assert!(
+        output.status.success(),
+        "init on a restored copy: {}",
+        text(&output.stderr)
+    );
+    assert!(
+        text(&output.stdout).contains("already initialised"),
+        "{}",
+        text(&output.stdout)
+    );
+    assert_eq!(
+        fs::read(source.repo.join("repository.json")).unwrap(),
+        identity
+    );
+
+    let info = run_ok(walkeep("info", &source.repo).arg("--json"));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let names: Vec<&str> = info["restore_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["before-release"]);
+}
