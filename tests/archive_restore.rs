@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    as_cluster_user, bin, cluster_user, fix_ownership, pg_command, run, run_ok, Cluster,
-    InitOptions, Scratch,
+    as_cluster_user, bin, cluster_user, expect_status, fix_ownership, pg_command, run, run_ok,
+    stderr_text, Cluster, InitOptions, Scratch,
 };
 use sha2::{Digest, Sha256};
 
@@ -89,18 +89,7 @@ fn restore(repo: &Path, name: &str, dest: &Path) -> Output {
 }
 
 fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Panics, quoting stderr, unless `output` ended with exit status `expected`.
-fn expect_status(output: &Output, expected: i32, what: &str) {
-    assert_eq!(
-        output.status.code(),
-        Some(expected),
-        "{what}: expected exit status {expected}, got {}\n--- stderr\n{}",
-        output.status,
-        stderr(output)
-    );
+    stderr_text(output)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -13,7 +13,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::s3::S3Server;
-use common::{as_cluster_user, bin, fix_ownership, run, run_ok, Cluster, InitOptions, Scratch};
+use common::{
+    as_cluster_user, bin, expect_status, fix_ownership, run, run_ok, stderr_text, Cluster,
+    InitOptions, Scratch,
+};
 use walkeep::storage::{Commit, Committed, Storage};
 
 const RESTORE_FATAL: i32 = 200;
@@ -40,17 +43,7 @@ fn walkeep(name: &str, config: &Path) -> Command {
 }
 
 fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn expect_status(output: &Output, expected: i32, what: &str) {
-    assert_eq!(
-        output.status.code(),
-        Some(expected),
-        "{what}: expected exit status {expected}, got {}\n--- stderr\n{}",
-        output.status,
-        stderr(output)
-    );
+    stderr_text(output)
 }
 
 fn read_object(storage: &dyn Storage, key: &str) -> Option<Vec<u8>> {
@@ -447,9 +440,7 @@ fn point_in_time_recovery_with_the_repository_in_s3() {
     let mut restored = Cluster::from_existing(&scratch, &to);
     restored.append_conf(&["archive_mode = off"]);
     restored.start();
-    restored.wait_for("promotion", Duration::from_secs(120), || {
-        restored.psql("SELECT pg_is_in_recovery()") == "f"
-    });
+    restored.wait_for_promotion(Duration::from_secs(120));
     assert_eq!(
         restored.psql("SELECT count(*), md5(string_agg(note, ',' ORDER BY id)) FROM orders"),
         good

@@ -372,22 +372,8 @@ fn switch_and_archive(cluster: &Cluster, repo: &Path) -> String {
     segment
 }
 
-/// Waits until a restored cluster has replayed to its target and promoted; panics with
-/// its log if the server stops meanwhile.
 fn wait_for_promotion(restored: &Cluster) {
-    restored.wait_for(
-        &format!("{} to promote", restored.name),
-        PROMOTE_WAIT,
-        || match restored.try_psql("SELECT pg_is_in_recovery()") {
-            Ok(in_recovery) => in_recovery == "f",
-            Err(_) if !restored.is_running() => panic!(
-                "the restored cluster {} stopped during recovery\n{}",
-                restored.name,
-                restored.log_tail(15)
-            ),
-            Err(_) => false,
-        },
-    );
+    restored.wait_for_promotion(PROMOTE_WAIT);
 }
 
 /// Restores `repo` into `<scratch>/<name>` with `args` and `--target-action promote`,

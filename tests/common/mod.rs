@@ -830,6 +830,24 @@ impl Cluster {
         lossy(bytes.get(offset..).unwrap_or_default())
     }
 
+    /// Waits until a restored cluster has replayed to its target and promoted; panics with
+    /// its log if the server stops meanwhile, as it does when recovery fails.
+    pub fn wait_for_promotion(&self, timeout: Duration) {
+        self.wait_for(
+            &format!("{} to reach its target and promote", self.name),
+            timeout,
+            || match self.try_psql("SELECT pg_is_in_recovery()") {
+                Ok(in_recovery) => in_recovery == "f",
+                Err(_) if !self.is_running() => panic!(
+                    "the restored cluster {} stopped during recovery\n{}",
+                    self.name,
+                    self.log_tail(15)
+                ),
+                Err(_) => false,
+            },
+        );
+    }
+
     /// Calls `done` every 100 ms until it returns true; panics after `timeout`, naming
     /// `what` and quoting the server log.
     pub fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -876,4 +894,20 @@ impl Drop for Cluster {
             let _ = as_cluster_user(&mut pg_ctl).output();
         }
     }
+}
+
+/// A command's standard error as text.
+pub fn stderr_text(output: &Output) -> String {
+    lossy(&output.stderr)
+}
+
+/// Panics, quoting stderr, unless `output` ended with exit status `expected`.
+pub fn expect_status(output: &Output, expected: i32, what: &str) {
+    assert_eq!(
+        output.status.code(),
+        Some(expected),
+        "{what}: expected exit status {expected}, got {}\n--- stderr\n{}",
+        output.status,
+        stderr_text(output)
+    );
 }
