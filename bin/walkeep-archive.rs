@@ -7,6 +7,7 @@ use clap::Parser;
 use walkeep::archive::{archive_file, Archived};
 use walkeep::cli::{self, RepoArgs};
 use walkeep::exit::{self, ARCHIVE_FAILED, SUCCESS};
+use walkeep::readahead::{self, Outcome};
 use walkeep::{logging, object, repo::Repository};
 
 /// Stores one WAL file durably in a walkeep repository.
@@ -17,7 +18,8 @@ use walkeep::{logging, object, repo::Repository};
     version,
     after_help = "Exit status: 0 once the file is durable in the repository (PostgreSQL may \
                   then recycle it); 1 on any failure (PostgreSQL keeps the file and retries). \
-                  Never above 125, which would make PostgreSQL's archiver exit FATAL."
+                  Never above 125, which would make PostgreSQL's archiver exit FATAL. \
+                  Files pushed ahead never change the status of the call for %f."
 )]
 struct Args {
     #[command(flatten)]
@@ -26,6 +28,16 @@ struct Args {
     /// zstd compression level (1 to 19). Default: compress_level in the config file, else 1.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=19))]
     compress_level: Option<i32>,
+
+    /// Local directory for read-ahead markers, outside the data directory; read-ahead is
+    /// on only when one is set. Default: spool_dir in the config file.
+    #[arg(long, value_name = "DIR", env = "WALKEEP_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
+
+    /// Other files marked .ready to store alongside this one, in parallel (0: none; at
+    /// most 64). Default: archive_readahead in the config file, else the number of cores.
+    #[arg(long, value_name = "N")]
+    readahead: Option<usize>,
 
     /// Log decisions, not just the outcome.
     #[arg(short, long)]
@@ -47,11 +59,17 @@ fn run(args: Args) -> u8 {
             .compress_level
             .or(file.compress_level)
             .unwrap_or(object::DEFAULT_LEVEL);
-        let repo = Repository::open(&location)?;
-        archive_file(&repo, &args.path, &args.name, level)
+        let width = readahead::width(args.readahead.or(file.archive_readahead));
+        let repo = Repository::open_with(&location, &file)?;
+        match args.spool_dir.as_ref().or(file.spool_dir.as_ref()) {
+            Some(spool) if width > 0 => {
+                readahead::archive(&repo, &args.path, &args.name, level, spool, width)
+            }
+            _ => archive_file(&repo, &args.path, &args.name, level).map(Outcome::Archived),
+        }
     });
     match outcome {
-        Ok(Archived::Stored { meta, stored_size }) => {
+        Ok(Outcome::Archived(Archived::Stored { meta, stored_size })) => {
             tracing::info!(
                 "archived {} ({} bytes, stored {} bytes, sha256 {})",
                 args.name,
@@ -61,8 +79,17 @@ fn run(args: Args) -> u8 {
             );
             SUCCESS
         }
-        Ok(Archived::AlreadyStored { .. }) => {
+        Ok(Outcome::Archived(Archived::AlreadyStored { .. })) => {
             tracing::info!("{} was already archived with identical content", args.name);
+            SUCCESS
+        }
+        Ok(Outcome::PushedEarlier { sha256, pushed_at }) => {
+            tracing::info!(
+                "archived {}: pushed ahead at {}, unchanged since (sha256 {})",
+                args.name,
+                pushed_at.format("%H:%M:%S%.3f"),
+                sha256.get(..16).unwrap_or(&sha256)
+            );
             SUCCESS
         }
         Err(err) => {

@@ -76,8 +76,20 @@ pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> R
             );
         }
     }
-    let mut file =
-        File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+    archive_opened(repo, file, path, wal_name, level)
+}
+
+/// Archives `file`, already opened from `path`, under `wal_name`: [`archive_file`] after
+/// its check of the name against `path`, for a caller that needs the open file (read-ahead
+/// `fstat`s it before and after).
+pub fn archive_opened(
+    repo: &Repository,
+    mut file: File,
+    path: &Path,
+    wal_name: WalFileName,
+    level: i32,
+) -> Result<Archived> {
     let wal_meta = check_content(repo, &wal_name, &mut file, path)?;
     let mut offer = Offer {
         repo,
@@ -96,10 +108,9 @@ pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> R
 
     let mut writer = storage.create(&offer.key, Commit::IfAbsent)?;
     let meta = offer.store(&mut writer)?;
-    if exit::fault("stall-before-commit") {
-        // Lets a test kill the process while the object is written but not published.
-        std::thread::sleep(std::time::Duration::from_secs(3600));
-    }
+    // Lets a test kill the process, or the storage, while the object is written but not
+    // yet published.
+    exit::stall("stall-before-commit");
     match writer.commit()? {
         Committed::Created => offer.record(meta),
         // Another archiver (a standby with archive_mode=always) stored it meanwhile.

@@ -11,6 +11,7 @@
 //! place, so the destination never holds part of a file. It is not fsynced: PostgreSQL
 //! fsyncs the restored WAL it keeps (and reads the rest once, from the page cache).
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
@@ -19,6 +20,7 @@ use anyhow::{Context, Result};
 use crate::durable::{self, TempFile};
 use crate::object::{self, ObjectMeta};
 use crate::repo::{self, Repository};
+use crate::storage::ObjectRead;
 use crate::wal::{self, LongPageHeader, WalFileName};
 
 /// How a restore call ended.
@@ -32,12 +34,34 @@ pub enum Fetched {
 
 /// Restores WAL file `name` from the repository to `dest`.
 pub fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Fetched> {
-    let wal_name: WalFileName = name.parse()?;
-    let key = repo::wal_key(&wal_name);
-    let Some(reader) = repo.storage().open(&key)? else {
+    let Some(found) = find(repo, name)? else {
         return Ok(Fetched::Absent);
     };
+    let meta = restore_found(repo, found, dest)?;
+    Ok(Fetched::Restored(Box::new(meta)))
+}
 
+/// A WAL file found in the repository, opened but not read yet.
+pub struct Found {
+    name: WalFileName,
+    key: String,
+    reader: Box<dyn ObjectRead>,
+}
+
+/// Opens WAL file `name` in the repository; `None` if and only if the repository is
+/// readable and holds no such file.
+pub fn find(repo: &Repository, name: &str) -> Result<Option<Found>> {
+    let wal_name: WalFileName = name.parse()?;
+    let key = repo::wal_key(&wal_name);
+    Ok(repo.storage().open(&key)?.map(|reader| Found {
+        name: wal_name,
+        key,
+        reader,
+    }))
+}
+
+/// Restores a found file to `dest`, with the guarantees of [`restore_file`].
+pub fn restore_found(repo: &Repository, found: Found, dest: &Path) -> Result<ObjectMeta> {
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -49,25 +73,42 @@ pub fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Fetche
     // A restore killed earlier (PostgreSQL stops restore_command with SIGTERM at shutdown)
     // leaves its temporary file here, in pg_wal, where nobody else would remove it.
     durable::sweep_stale(dir, file_name);
-    let mut temp = TempFile::new_in(dir, file_name)?;
+    let (temp, meta) = decode_verified(repo, found, dir, file_name)?;
+    temp.publish_replace_unsynced(dest)?;
+    Ok(meta)
+}
+
+/// Decompresses a found file into a new temporary file in `dir` (named for `final_name`),
+/// checking its SHA-256 and, for segments, its header; the caller publishes it.
+pub fn decode_verified(
+    repo: &Repository,
+    found: Found,
+    dir: &Path,
+    final_name: &str,
+) -> Result<(TempFile, ObjectMeta)> {
+    let Found { name, key, reader } = found;
+    let mut temp = TempFile::new_in(dir, final_name)?;
     let meta = object::decode(reader, &key, &mut temp)?;
-    if meta.name != name {
+    if meta.name != name.to_string() {
         anyhow::bail!("{key} holds {:?}, not {name}", meta.name);
     }
+    check_header(repo, &name, temp.file())?;
+    Ok((temp, meta))
+}
 
-    if let WalFileName::Segment(segment) | WalFileName::Partial(segment) = wal_name {
-        let file = temp.file();
+/// Checks that a segment (or partial segment) in `file` belongs to the repository's
+/// cluster under `name`; other kinds of file pass.
+pub fn check_header(repo: &Repository, name: &WalFileName, file: &mut File) -> Result<()> {
+    if let WalFileName::Segment(segment) | WalFileName::Partial(segment) = name {
         file.seek(SeekFrom::Start(0))?;
         let mut header = [0u8; wal::LONG_PAGE_HEADER_SIZE];
         file.read_exact(&mut header)
             .with_context(|| format!("failed to re-read {name}"))?;
         LongPageHeader::parse(&header)
-            .and_then(|h| h.check_segment(&segment, &repo.identity().expectation()))
+            .and_then(|h| h.check_segment(segment, &repo.identity().expectation()))
             .with_context(|| {
                 format!("restored {name} does not belong to this repository's cluster")
             })?;
     }
-
-    temp.publish_replace_unsynced(dest)?;
-    Ok(Fetched::Restored(Box::new(meta)))
+    Ok(())
 }

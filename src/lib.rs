@@ -8,7 +8,9 @@
 //! - [`storage`]: where objects live, behind a trait an object store can implement;
 //! - [`durable`]: the one place that writes files crash-safely;
 //! - [`object`]: the stored-object format (zstd plus a checksummed trailer);
-//! - [`repo`] and [`catalog`]: the repository's identity, layout and index.
+//! - [`repo`] and [`catalog`]: the repository's identity, layout and index;
+//! - [`spool`], [`readahead`] and [`prefetch`]: archiving ahead of PostgreSQL's calls and
+//!   fetching ahead of recovery, through a local spool directory.
 
 pub mod archive;
 pub mod backup;
@@ -27,9 +29,12 @@ pub mod object;
 pub mod parallel;
 pub mod pg;
 pub mod points;
+pub mod prefetch;
+pub mod readahead;
 pub mod recovery;
 pub mod repo;
 pub mod restore;
+pub mod spool;
 pub mod status;
 pub mod storage;
 pub mod timeline;
