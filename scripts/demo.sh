@@ -139,6 +139,9 @@ as_cluster() { "${AS[@]}" "$@"; }
 # Tools
 # ---------------------------------------------------------------------------------------
 
+# shellcheck source=scripts/prerequisites.sh
+. "$ROOT/scripts/prerequisites.sh" || die "prerequisites missing (see above)"
+
 PGBIN=''
 for dir in "$(pg_config --bindir 2>/dev/null || true)" /usr/lib/postgresql/15/bin; do
     if [ -n "$dir" ] && [ -x "$dir/initdb" ] && "$dir/postgres" --version 2>/dev/null | grep -q ' 15\.'; then
