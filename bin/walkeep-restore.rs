@@ -44,7 +44,7 @@ struct Args {
     spool_dir: Option<PathBuf>,
 
     /// Segments of the same timeline to fetch ahead, in parallel, in the background (0:
-    /// none; at most 64). Default: restore_prefetch in the config file, else the number of
+    /// none; at most 12). Default: restore_prefetch in the config file, else the number of
     /// cores, at most 8.
     #[arg(long, value_name = "N")]
     prefetch: Option<usize>,

@@ -127,7 +127,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// SHA-256 computed on a thread of its own, so that hashing overlaps the compression or
 /// decompression on the calling thread: on two cores a segment takes about as long as the
-/// slower of the two instead of their sum. Bytes are copied into batches of [`CHUNK`]
+/// slower of the two instead of their sum. Bytes are copied into batches of [`HASH_BATCH`]
 /// bytes, at most [`BATCHES_IN_FLIGHT`] queued, and the hashing thread hands the buffers
 /// back for reuse, so memory stays bounded and no batch costs a fresh allocation.
 pub struct BackgroundSha {
@@ -139,6 +139,10 @@ pub struct BackgroundSha {
 
 /// Batches queued for the hashing thread at most.
 const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Size of a batch handed to the hashing thread: large enough that the hand-over costs
+/// nothing measurable, small enough to keep a few in flight per stream.
+const HASH_BATCH: usize = 256 << 10;
 
 impl BackgroundSha {
     /// Starts the hashing thread.
@@ -155,7 +159,7 @@ impl BackgroundSha {
             hex::encode(sha.finalize())
         });
         BackgroundSha {
-            batch: Vec::with_capacity(CHUNK),
+            batch: Vec::with_capacity(HASH_BATCH),
             to_hasher: Some(to_hasher),
             recycled,
             hasher: Some(hasher),
@@ -165,10 +169,10 @@ impl BackgroundSha {
     /// Adds bytes to the hash.
     pub fn update(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
-            let take = (CHUNK - self.batch.len()).min(bytes.len());
+            let take = (HASH_BATCH - self.batch.len()).min(bytes.len());
             self.batch.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
-            if self.batch.len() == CHUNK {
+            if self.batch.len() == HASH_BATCH {
                 self.send();
             }
         }
@@ -178,7 +182,7 @@ impl BackgroundSha {
         let next = self
             .recycled
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            .unwrap_or_else(|_| Vec::with_capacity(HASH_BATCH));
         let full = std::mem::replace(&mut self.batch, next);
         if let Some(to_hasher) = &self.to_hasher {
             // The thread only stops when the sender is dropped, so a send cannot fail
