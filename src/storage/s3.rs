@@ -22,7 +22,9 @@
 //!
 //! Throttling, timeouts and server errors are retried with bounded exponential backoff by
 //! the client, then reported as errors, never as an absent object. Credentials come from
-//! the configuration file or the usual `AWS_*` variables and are never logged.
+//! the configuration file or `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+//! `AWS_SESSION_TOKEN`, and are never logged; `AWS_ENDPOINT_URL` and `AWS_REGION` are read
+//! too. No other `AWS_*` variable, and never an instance metadata service.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -178,7 +180,9 @@ impl S3Storage {
                  section of the config file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             );
         }
-        let mut builder = AmazonS3Builder::from_env()
+        // Only the variables documented here are read, so that a stray AWS_* variable
+        // (a session token meant for another account, say) cannot change the requests.
+        let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_conditional_put(S3ConditionalPut::ETagMatch)
             .with_retry(RetryConfig {
@@ -186,25 +190,42 @@ impl S3Storage {
                 retry_timeout: Duration::from_secs(config.retry_timeout_secs.unwrap_or(60)),
                 ..RetryConfig::default()
             });
-        if let Some(endpoint) = &config.endpoint {
+        let endpoint = config.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
+        if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint);
         }
-        let endpoint_given =
-            config.endpoint.is_some() || std::env::var_os("AWS_ENDPOINT_URL").is_some();
-        builder =
-            builder.with_virtual_hosted_style_request(!config.path_style.unwrap_or(endpoint_given));
-        if let Some(region) = &config.region {
-            builder = builder.with_region(region);
-        } else if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
-            builder = builder.with_region("us-east-1");
-        }
-        if let Some(key) = &config.access_key_id {
-            builder = builder.with_access_key_id(key);
-        }
-        if let Some(secret) = &config.secret_access_key {
-            builder = builder.with_secret_access_key(secret);
+        builder = builder
+            .with_virtual_hosted_style_request(!config.path_style.unwrap_or(endpoint.is_some()));
+        let region = config
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"));
+        builder = builder.with_region(region.as_deref().unwrap_or("us-east-1"));
+        // A key from the config file comes with its secret from there; a key from the
+        // environment with its secret and, if set, its session token.
+        match (&config.access_key_id, &config.secret_access_key) {
+            (Some(key), Some(secret)) => {
+                builder = builder
+                    .with_access_key_id(key)
+                    .with_secret_access_key(secret);
+            }
+            _ => {
+                let key = config
+                    .access_key_id
+                    .clone()
+                    .or_else(|| env("AWS_ACCESS_KEY_ID"));
+                let secret = config
+                    .secret_access_key
+                    .clone()
+                    .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+                builder = builder
+                    .with_access_key_id(key.unwrap_or_default())
+                    .with_secret_access_key(secret.unwrap_or_default());
+                if let Some(token) = env("AWS_SESSION_TOKEN") {
+                    builder = builder.with_token(token);
+                }
+            }
         }
         if let Some(allow) = config.allow_http {
             builder = builder.with_allow_http(allow);
