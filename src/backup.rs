@@ -140,12 +140,17 @@ fn walk(
         } else {
             format!("{rel}/{name}")
         };
-        let meta = match entry.metadata() {
+        // Follow symbolic links: tablespaces are links in pg_tblspc, and pg_wal may be one.
+        let meta = match fs::metadata(entry.path()) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e).with_context(|| format!("failed to stat {child_rel}")),
         };
-        let link_meta = fs::symlink_metadata(entry.path())?;
+        let link_meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("failed to stat {child_rel}")),
+        };
         if excluded_anywhere(&name)
             || (rel.is_empty() && EXCLUDED_TOP_FILES.contains(&name.as_str()))
         {

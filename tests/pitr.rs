@@ -1078,3 +1078,55 @@ fn restored_copy_standby_settings_and_listed_restore_points() {
         .collect();
     assert_eq!(names, ["before-release"]);
 }
+
+/// A tablespace outside the data directory is backed up and restored, into a new place
+/// with `--tablespace-mapping`, and its rows are back after recovery.
+#[test]
+fn tablespace_is_restored_where_the_mapping_says() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    let original = scratch.dir("tablespace");
+    source.cluster.psql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        original.display()
+    ));
+    source.cluster.psql(
+        "CREATE TABLE far (n int) TABLESPACE extra; INSERT INTO far SELECT generate_series(1, 5000)",
+    );
+    source.backup();
+    source
+        .cluster
+        .psql("INSERT INTO far SELECT generate_series(5001, 6000)");
+    source.switch_and_archive();
+
+    let moved = scratch.dir("tablespace-moved");
+    let to = scratch.path().join("restored");
+    let mapping = format!("{}={}", original.display(), moved.display());
+    let output = source.restore(
+        &to,
+        &[
+            "--target-action",
+            "promote",
+            "--tablespace-mapping",
+            &mapping,
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let map = fs::read_to_string(to.join("tablespace_map")).unwrap();
+    assert!(
+        map.contains(&*moved.to_string_lossy()),
+        "tablespace_map: {map}"
+    );
+
+    let mut restored = Cluster::from_existing(&scratch, &to);
+    restored.append_conf(&["archive_mode = off"]);
+    restored.start();
+    wait_for_promotion(&restored);
+    assert_eq!(
+        restored.psql("SELECT count(*), sum(n) FROM far"),
+        "6000|18003000"
+    );
+    let location = restored
+        .psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'extra'");
+    assert_eq!(location, moved.to_string_lossy());
+}
