@@ -141,6 +141,10 @@ pub fn control_identity(pgdata: &Path) -> Result<(u64, u32)> {
     Ok((u64::from_le_bytes(sysid.try_into().unwrap()), version))
 }
 
+/// The header of the newest segment in `pg_wal` that has one. PostgreSQL preallocates the
+/// next segment zero-filled at a checkpoint, and recycles old ones under future names (their
+/// headers are the same cluster's), so a segment whose first page is all zeros is skipped: it
+/// says nothing about the cluster until the server writes into it.
 fn newest_segment_header(pg_wal: &Path) -> Result<LongPageHeader> {
     let mut segments: Vec<String> = fs::read_dir(pg_wal)
         .with_context(|| format!("failed to list {}", pg_wal.display()))?
@@ -148,16 +152,26 @@ fn newest_segment_header(pg_wal: &Path) -> Result<LongPageHeader> {
         .filter(|n| n.parse::<SegmentName>().is_ok())
         .collect();
     segments.sort();
-    let newest = segments
-        .last()
-        .with_context(|| format!("no WAL segment in {}", pg_wal.display()))?;
-    let path = pg_wal.join(newest);
-    let mut bytes = vec![0u8; wal::LONG_PAGE_HEADER_SIZE];
-    use std::io::Read;
-    fs::File::open(&path)
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .with_context(|| format!("failed to read the header of {}", path.display()))?;
-    LongPageHeader::parse(&bytes).with_context(|| format!("bad WAL header in {}", path.display()))
+    if segments.is_empty() {
+        bail!("no WAL segment in {}", pg_wal.display());
+    }
+    for name in segments.iter().rev() {
+        let path = pg_wal.join(name);
+        let mut bytes = vec![0u8; wal::LONG_PAGE_HEADER_SIZE];
+        use std::io::Read;
+        fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .with_context(|| format!("failed to read the header of {}", path.display()))?;
+        if bytes.iter().all(|&b| b == 0) {
+            continue;
+        }
+        return LongPageHeader::parse(&bytes)
+            .with_context(|| format!("bad WAL header in {}", path.display()));
+    }
+    bail!(
+        "every segment in {} is zero-filled (preallocated, not written yet)",
+        pg_wal.display()
+    )
 }
 
 /// An opened, initialised repository.
@@ -379,5 +393,38 @@ mod tests {
         assert!(storage_for("ftp://host/x", &config).is_err());
         assert!(storage_for("", &config).is_err());
         assert!(storage_for("s3://", &config).is_err());
+    }
+
+    /// Regression: a checkpoint with the current segment more than 75% full preallocates the
+    /// next one zero-filled, and `init` used to read only the newest file in `pg_wal`.
+    #[test]
+    fn identity_skips_a_preallocated_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let pgdata = dir.path();
+        fs::create_dir_all(pgdata.join("global")).unwrap();
+        fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+        let sysid: u64 = 7_300_000_000_000_000_001;
+        let mut control = sysid.to_le_bytes().to_vec();
+        control.resize(8192, 0);
+        fs::write(pgdata.join("global/pg_control"), control).unwrap();
+
+        let magic = wal::magic_of_major_version(15).unwrap();
+        let written = wal::tests::header_bytes(magic, 1, 0x2F00_0000, sysid, 16 << 20);
+        fs::write(pgdata.join("pg_wal/00000001000000000000002F"), written).unwrap();
+        fs::write(
+            pgdata.join("pg_wal/000000010000000000000030"),
+            vec![0u8; wal::LONG_PAGE_HEADER_SIZE],
+        )
+        .unwrap();
+
+        let identity = Identity::of_data_directory(pgdata).unwrap();
+        assert_eq!(identity.system_identifier, sysid);
+        assert_eq!(identity.wal_segment_size, 16 << 20);
+        assert_eq!(identity.wal_block_size, 8192);
+
+        fs::remove_file(pgdata.join("pg_wal/00000001000000000000002F")).unwrap();
+        let err = Identity::of_data_directory(pgdata).unwrap_err().to_string();
+        assert!(err.contains("zero-filled"), "{err}");
     }
 }

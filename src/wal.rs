@@ -426,7 +426,7 @@ impl LongPageHeader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const MB16: u64 = 16 << 20;
