@@ -24,8 +24,10 @@ use walkeep::{logging, repo::Repository};
                   end of the archive, and for .history files, as a matter of course); 200 for \
                   anything else - a corrupt object, an unreadable repository, a bad argument - \
                   which makes PostgreSQL stop recovery with FATAL instead of promoting early. \
-                  With --on-error absent, errors exit 1 instead: for a standby that should fall \
-                  back to streaming replication when the archive fails. Prefetching never \
+                  With --on-error absent, errors exit 1 instead on a standby (standby.signal \
+                  in the data directory, the working directory of restore_command), which \
+                  then falls back to streaming replication; archive recovery (PITR) stays \
+                  fatal, since there 1 ends recovery early. Prefetching never \
                   changes the status: a spool problem is logged and the file fetched directly."
 )]
 struct Args {
@@ -33,8 +35,8 @@ struct Args {
     repo: RepoArgs,
 
     /// What to report when a file cannot be delivered intact: `fatal` (exit 200, stops
-    /// recovery) or `absent` (exit 1). Default: restore_on_error in the config file, else
-    /// fatal.
+    /// recovery) or `absent` (exit 1, on a standby only). Default: restore_on_error in the
+    /// config file, else fatal.
     #[arg(long, value_enum, env = "WALKEEP_RESTORE_ON_ERROR")]
     on_error: Option<OnError>,
 
@@ -111,10 +113,24 @@ fn run(args: Args) -> u8 {
             cli::report(&err.context(format!("failed to restore {name}")));
             match on_error.unwrap_or_default() {
                 OnError::Fatal => RESTORE_FATAL,
-                OnError::Absent => RESTORE_ABSENT,
+                OnError::Absent if is_standby() => RESTORE_ABSENT,
+                OnError::Absent => {
+                    tracing::warn!(
+                        "restore_on_error = absent applies to standbys only; without \
+                         standby.signal this is archive recovery, which 'absent' would end \
+                         early: stopping recovery instead"
+                    );
+                    RESTORE_FATAL
+                }
             }
         }
     }
+}
+
+/// True if and only if PostgreSQL runs this as a standby: `restore_command` runs in the
+/// data directory, which then holds `standby.signal`.
+fn is_standby() -> bool {
+    Path::new("standby.signal").exists()
 }
 
 /// How to start the prefetch worker: this program, with the repository already resolved.

@@ -13,6 +13,7 @@
 //! everything else, so that corruption or an unreachable repository stops recovery instead
 //! of letting PostgreSQL promote on a short archive.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 /// Success for every binary.
@@ -46,8 +47,13 @@ pub fn guard(on_panic: u8, body: impl FnOnce() -> u8 + std::panic::UnwindSafe) -
     match std::panic::catch_unwind(body) {
         Ok(code) => ExitCode::from(code),
         Err(_) => {
-            // The panic hook already printed the message and location to stderr.
-            eprintln!("walkeep: internal error (panic); exiting with status {on_panic}");
+            // The panic hook already printed the message and location to stderr. Not
+            // `eprintln!`, which panics when stderr fails (a full log disk), and that
+            // second panic would exit 101 after all.
+            let _ = writeln!(
+                std::io::stderr(),
+                "walkeep: internal error (panic); exiting with status {on_panic}"
+            );
             ExitCode::from(on_panic)
         }
     }

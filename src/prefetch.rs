@@ -369,7 +369,7 @@ impl RestoreSpool {
             let timeline = segment.timeline;
             *window = Some(Window::new(timeline, segno, width));
             self.prune(*window)?;
-            let mine = self.spooled()?.into_iter().find(|s| s.segno == segno);
+            let mine = self.spooled()?.into_iter().find(|s| s.segment == segment);
             if let Some(spooled) = mine {
                 *window = Some(Window::new(timeline, segno + 1, width));
                 self.ensure_worker_or_warn(*window, launch);

@@ -901,6 +901,26 @@ fn panic_exits_1_from_archive_and_200_from_restore_never_101() {
     expect_status(&output, RESTORE_FATAL, "panicking restore");
     assert!(stderr(&output).contains("panic"), "{}", stderr(&output));
     assert!(!dest.exists());
+
+    // With stderr on a full disk the report of the panic fails too; that must not turn
+    // into a second panic and Rust's status 101 ("absent" to PostgreSQL).
+    for (mut command, expected, what) in [
+        (
+            archive_cmd(&repo, &other_path, other),
+            ARCHIVE_FAILED,
+            "archive",
+        ),
+        (restore_cmd(&repo, stored, &dest), RESTORE_FATAL, "restore"),
+    ] {
+        let full = fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let output = run(command.env("WALKEEP_TEST_FAULT", "panic").stderr(full));
+        expect_status(&output, expected, &format!("panicking {what}, stderr full"));
+    }
+    assert!(!object_path(&repo, other).exists());
+    assert!(!dest.exists());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -992,7 +1012,7 @@ fn missing_segment_or_history_file_is_absent_quickly_and_quietly() {
 }
 
 #[test]
-fn restore_from_missing_or_uninitialised_repository_is_fatal_unless_on_error_absent() {
+fn restore_from_missing_or_uninitialised_repository_is_fatal_unless_absent_on_a_standby() {
     let fx = fixture();
     let scratch = Scratch::new();
     let (name, _) = fx.segment(0);
@@ -1011,14 +1031,29 @@ fn restore_from_missing_or_uninitialised_repository_is_fatal_unless_on_error_abs
             );
             assert!(!dest.exists());
 
-            let mut lenient = restore_cmd(repo, name, &dest);
-            let output = run(lenient.args(["--on-error", "absent"]));
-            expect_status(
-                &output,
-                RESTORE_ABSENT,
-                &format!("{what} repository, {name}, --on-error absent"),
-            );
-            assert!(!dest.exists());
+            // `absent` holds for a standby only (restore_command runs in the data
+            // directory); in archive recovery, 1 would end recovery early.
+            for standby in [false, true] {
+                let data_dir = scratch.dir(if standby { "standby" } else { "pitr" });
+                if standby {
+                    fs::write(data_dir.join("standby.signal"), "").unwrap();
+                }
+                let mut lenient = restore_cmd(repo, name, &dest);
+                let output = run(lenient
+                    .args(["--on-error", "absent"])
+                    .current_dir(&data_dir));
+                let expected = if standby {
+                    RESTORE_ABSENT
+                } else {
+                    RESTORE_FATAL
+                };
+                expect_status(
+                    &output,
+                    expected,
+                    &format!("{what} repository, {name}, --on-error absent, standby {standby}"),
+                );
+                assert!(!dest.exists());
+            }
         }
     }
     assert!(!missing.exists(), "restore created the missing repository");
