@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use walkeep::object::{self, WalMeta};
+use walkeep::object::{self, Compression, WalMeta};
 use walkeep::wal::{LongPageHeader, SegmentName};
 use walkeep::walscan::Scanner;
 
@@ -93,9 +93,9 @@ fn corpus() -> (Vec<Segment>, &'static str) {
 }
 
 /// What `walkeep-archive` does to a segment in memory (see `archive::Offer::store`).
-fn archive(segment: &Segment, level: i32) -> Vec<u8> {
+fn archive(segment: &Segment, compression: Compression) -> Vec<u8> {
     let mut out = Vec::with_capacity(segment.bytes.len() / 2);
-    let mut encoder = object::Encoder::new(&mut out, level).unwrap();
+    let mut encoder = object::Encoder::new(&mut out, compression).unwrap();
     let mut scanner = segment
         .scan
         .map(|(start, block, version)| Scanner::new(start, block, version));
@@ -158,19 +158,22 @@ fn pipeline(c: &mut Criterion) {
             })
         });
     }
+    // "archive": a segment archived alone, zstd on every core (the serial floor);
+    // "archive-single": zstd on one thread, as each file of a read-ahead call.
+    let alone = Compression::parallel(object::DEFAULT_LEVEL);
+    let single = Compression::single(object::DEFAULT_LEVEL);
     if segments[0].scan.is_some() {
-        group.bench_function("archive", |b| {
-            b.iter(|| {
-                i += 1;
-                archive(&segments[i % n], object::DEFAULT_LEVEL)
-            })
-        });
+        for (label, compression) in [("archive", alone), ("archive-single", single)] {
+            group.bench_function(label, |b| {
+                b.iter(|| {
+                    i += 1;
+                    archive(&segments[i % n], compression)
+                })
+            });
+        }
     }
 
-    let stored: Vec<Vec<u8>> = segments
-        .iter()
-        .map(|s| archive(s, object::DEFAULT_LEVEL))
-        .collect();
+    let stored: Vec<Vec<u8>> = segments.iter().map(|s| archive(s, alone)).collect();
     group.bench_function("restore", |b| {
         b.iter_batched(
             || {
@@ -194,11 +197,14 @@ fn pipeline(c: &mut Criterion) {
     // (pgBackRest's default zst level is 3).
     let total: usize = segments.iter().map(|s| s.bytes.len()).sum();
     for level in [1, 3, 6] {
-        let stored: usize = segments.iter().map(|s| archive(s, level).len()).sum();
-        eprintln!(
-            "zstd level {level}: {kind} stored at {:.1}% of its size",
-            100.0 * stored as f64 / total as f64
-        );
+        for compression in [Compression::single(level), Compression::parallel(level)] {
+            let stored: usize = segments.iter().map(|s| archive(s, compression).len()).sum();
+            eprintln!(
+                "zstd level {level}, {} workers: {kind} stored at {:.2}% of its size",
+                compression.workers,
+                100.0 * stored as f64 / total as f64
+            );
+        }
     }
 }
 

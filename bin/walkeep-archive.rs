@@ -7,8 +7,9 @@ use clap::Parser;
 use walkeep::archive::{archive_file, Archived};
 use walkeep::cli::{self, RepoArgs};
 use walkeep::exit::{self, ARCHIVE_FAILED, SUCCESS};
+use walkeep::object::{self, Compression};
 use walkeep::readahead::{self, Outcome};
-use walkeep::{logging, object, repo::Repository};
+use walkeep::{logging, repo::Repository};
 
 /// Stores one WAL file durably in a walkeep repository.
 ///
@@ -65,7 +66,9 @@ fn run(args: Args) -> u8 {
             Some(spool) if width > 0 => {
                 readahead::archive(&repo, &args.path, &args.name, level, spool, width)
             }
-            _ => archive_file(&repo, &args.path, &args.name, level).map(Outcome::Archived),
+            // Alone, the one segment may use every core.
+            _ => archive_file(&repo, &args.path, &args.name, Compression::parallel(level))
+                .map(Outcome::Archived),
         }
     });
     match outcome {

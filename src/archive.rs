@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 
 use crate::catalog::{self, WalRecord};
 use crate::exit;
-use crate::object::{self, ObjectMeta, WalMeta};
+use crate::object::{self, Compression, ObjectMeta, WalMeta};
 use crate::repo::{self, Repository};
 use crate::storage::{Commit, Committed};
 use crate::wal::{self, LongPageHeader, SegmentName, WalFileName};
@@ -62,11 +62,16 @@ struct Offer<'a> {
     path: &'a Path,
     file: File,
     wal_meta: Option<WalMeta>,
-    level: i32,
+    compression: Compression,
 }
 
-/// Archives the file at `path` under the WAL name `name`, compressing at `level`.
-pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> Result<Archived> {
+/// Archives the file at `path` under the WAL name `name`, compressed as `compression` says.
+pub fn archive_file(
+    repo: &Repository,
+    path: &Path,
+    name: &str,
+    compression: Compression,
+) -> Result<Archived> {
     let wal_name: WalFileName = name.parse()?;
     if let Some(given) = path.file_name().and_then(|n| n.to_str()) {
         if given != name && given.parse::<WalFileName>().is_ok() {
@@ -77,7 +82,7 @@ pub fn archive_file(repo: &Repository, path: &Path, name: &str, level: i32) -> R
         }
     }
     let file = File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
-    archive_opened(repo, file, path, wal_name, level)
+    archive_opened(repo, file, path, wal_name, compression)
 }
 
 /// Archives `file`, already opened from `path`, under `wal_name`: [`archive_file`] after
@@ -88,7 +93,7 @@ pub fn archive_opened(
     mut file: File,
     path: &Path,
     wal_name: WalFileName,
-    level: i32,
+    compression: Compression,
 ) -> Result<Archived> {
     let wal_meta = check_content(repo, &wal_name, &mut file, path)?;
     let mut offer = Offer {
@@ -98,7 +103,7 @@ pub fn archive_opened(
         path,
         file,
         wal_meta,
-        level,
+        compression,
     };
 
     let storage = repo.storage();
@@ -122,7 +127,7 @@ impl Offer<'_> {
     /// Streams the file into `writer`, summarising a segment's records on the way.
     fn store(&mut self, writer: &mut dyn std::io::Write) -> Result<ObjectMeta> {
         self.file.seek(SeekFrom::Start(0))?;
-        let mut encoder = object::Encoder::new(writer, self.level)?;
+        let mut encoder = object::Encoder::new(writer, self.compression)?;
         let identity = self.repo.identity();
         let mut scanner = self.wal_meta.as_ref().map(|w| {
             Scanner::new(
@@ -165,14 +170,29 @@ impl Offer<'_> {
     fn compare_with_stored(&mut self) -> Result<Archived> {
         self.file.seek(SeekFrom::Start(0))?;
         let what = self.path.display().to_string();
-        let (offered, _) = object::sha256_of_reader(BufReader::new(&mut self.file), &what)?;
         let storage = self.repo.storage();
         let key = self.key.as_str();
         let reader = storage
             .open(key)?
             .with_context(|| format!("{key} vanished while comparing"))?;
-        let err = match object::decode(reader, key, &mut std::io::sink()) {
-            Ok(meta) if meta.sha256 == offered => return Ok(Archived::AlreadyStored { meta }),
+        // The offered file hashes on a thread of its own while the stored copy is
+        // decompressed and hashed: a segment offered again costs about as much as a fresh one.
+        let file = &mut self.file;
+        let (offered, stored) = std::thread::scope(|scope| {
+            let offered =
+                scope.spawn(move || object::sha256_of_reader(BufReader::new(file), &what));
+            let stored = object::decode(reader, key, &mut std::io::sink());
+            let offered = offered.join().expect("hashing the offered file panicked");
+            (offered, stored)
+        });
+        let (offered, _) = offered?;
+        let err = match stored {
+            Ok(meta) if meta.sha256 == offered => {
+                // PostgreSQL recycles the segment on exit 0, so the stored copy must be
+                // durable, whoever published it.
+                storage.sync(key)?;
+                return Ok(Archived::AlreadyStored { meta });
+            }
             Ok(meta) => return Err(self.conflict(meta.sha256, offered)),
             Err(e) if object::is_corrupt(&e) => e,
             Err(e) => return Err(e),

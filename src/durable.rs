@@ -41,20 +41,28 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("failed to fsync directory {}", dir.display()))
 }
 
-/// Creates `dir` and any missing parents with owner-only permissions, and makes each new
-/// entry durable by syncing the directory that holds it.
+/// Creates `dir` and any missing parents with owner-only permissions, and makes each entry
+/// durable by syncing the directory that holds it. The parent of `dir` is synced even when
+/// `dir` already exists: whoever created it (another process, or an earlier run killed
+/// between `mkdir` and the sync) may not have synced it yet, and what is stored below it
+/// would be lost with it in a crash.
 pub fn create_dir_all(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if dir.is_dir() {
+        // A directory made by someone else may sit in a parent this user cannot open
+        // (mode 0711, say) or on a read-only mount: that parent was never ours to sync.
+        return match parent.map(fsync_dir) {
+            Some(Err(e)) if !is_not_ours(&e) => Err(e),
+            _ => Ok(()),
+        };
+    }
     if let Some(parent) = parent {
         create_dir_all(parent)?;
     }
     match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
         Ok(()) => {}
-        // Another process made it meanwhile; it syncs its own parent.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        // Another process made it meanwhile; it may not have synced it yet.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {}
         Err(e) => {
             return Err(e).with_context(|| format!("failed to create directory {}", dir.display()))
         }
@@ -63,6 +71,18 @@ pub fn create_dir_all(dir: &Path) -> Result<()> {
         fsync_dir(parent)?;
     }
     Ok(())
+}
+
+/// True if and only if `err` says the directory may not be opened or written by this user.
+fn is_not_ours(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.downcast_ref::<io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+            )
+        })
+    })
 }
 
 /// How publishing a file ended.

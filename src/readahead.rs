@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::{self, Archived};
 use crate::durable::{self, TEMP_PREFIX};
+use crate::object::Compression;
 use crate::repo::{self, Repository};
 use crate::spool::{self, Spool};
 use crate::wal::WalFileName;
@@ -136,12 +137,14 @@ pub fn archive(
         Ok(markers) => markers,
         Err(err) => {
             tracing::warn!("archiving {name} without read-ahead: {err:#}");
-            return archive::archive_file(repo, path, name, level).map(Outcome::Archived);
+            let alone = Compression::parallel(level);
+            return archive::archive_file(repo, path, name, alone).map(Outcome::Archived);
         }
     };
     let Ok(wal_name) = name.parse::<WalFileName>() else {
         // Not a WAL name: the full path refuses it with the usual message.
-        return archive::archive_file(repo, path, name, level).map(Outcome::Archived);
+        let alone = Compression::parallel(level);
+        return archive::archive_file(repo, path, name, alone).map(Outcome::Archived);
     };
 
     if let Some(outcome) = pushed_earlier(repo, &markers, path, &wal_name) {
@@ -163,7 +166,13 @@ pub fn archive(
                 scope.spawn(move || push_ahead(repo, wal_dir, status_dir, markers, ahead, level))
             })
             .collect();
-        let outcome = archive::archive_file(repo, path, name, level);
+        // With pushes in flight the cores are taken: each file compresses on its own thread.
+        let compression = if ahead.is_empty() {
+            Compression::parallel(level)
+        } else {
+            Compression::single(level)
+        };
+        let outcome = archive::archive_file(repo, path, name, compression);
         for (push, ahead) in pushes.into_iter().zip(&ahead) {
             match push.join() {
                 Ok(Ok(true)) => {}
@@ -365,7 +374,8 @@ fn push_ahead(
         .try_clone()
         .with_context(|| format!("failed to duplicate the handle of {}", path.display()))?;
 
-    let archived = archive::archive_opened(repo, reader, &path, *name, level)?;
+    let single = Compression::single(level);
+    let archived = archive::archive_opened(repo, reader, &path, *name, single)?;
 
     // The marker must describe the bytes that were stored: the file may not have changed
     // while it was read, and the name must still lead to it.

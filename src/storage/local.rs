@@ -180,6 +180,20 @@ impl Storage for LocalStorage {
         }
     }
 
+    fn sync(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        File::open(&path)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("failed to fsync {}", path.display()))?;
+        // Every directory from the object's up to the root holds a name it depends on.
+        let mut dir = path.parent();
+        while let Some(d) = dir.filter(|d| d.starts_with(&self.root)) {
+            durable::fsync_dir(d)?;
+            dir = d.parent();
+        }
+        Ok(())
+    }
+
     fn create(&self, key: &str, mode: Commit) -> Result<Box<dyn ObjectWriter>> {
         let final_path = self.path(key)?;
         let dir = final_path
@@ -373,6 +387,16 @@ mod tests {
             r.read_to_end(&mut v).unwrap();
             v
         })
+    }
+
+    #[test]
+    fn sync_takes_an_existing_object_and_refuses_an_absent_one() {
+        let (_dir, s) = storage();
+        put(&s, "wal/x/seg", b"content", Commit::IfAbsent);
+        s.sync("wal/x/seg").unwrap();
+        assert_eq!(get(&s, "wal/x/seg").as_deref(), Some(&b"content"[..]));
+        let err = s.sync("wal/x/other").unwrap_err();
+        assert!(format!("{err:#}").contains("failed to fsync"), "{err:#}");
     }
 
     #[test]

@@ -80,6 +80,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The size of an object, or `Ok(None)` if absent.
     fn size(&self, key: &str) -> Result<Option<u64>>;
 
+    /// Makes an existing object durable, for a caller about to rely on an object it did not
+    /// publish itself: its writer may have been killed after making it visible and before
+    /// making it durable. An object store acknowledges an object only once it is durable,
+    /// so there this does nothing.
+    fn sync(&self, key: &str) -> Result<()>;
+
     /// Starts a new object under `key`, to be published as `mode` says. The mode is fixed
     /// up front because an object store must know it before the upload starts: a
     /// conditional create is one request, a large replaceable object a multipart upload.

@@ -591,6 +591,10 @@ impl Storage for S3Storage {
         }
     }
 
+    fn sync(&self, _key: &str) -> Result<()> {
+        Ok(())
+    }
+
     fn create(&self, key: &str, mode: Commit) -> Result<Box<dyn ObjectWriter>> {
         Ok(Box::new(S3Writer {
             inner: self.inner.clone(),
