@@ -19,7 +19,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
@@ -111,9 +112,10 @@ impl TempFile {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let unique = format!(
-            "{TEMP_PREFIX}{final_name}.{}.{nanos}.{}",
+            "{TEMP_PREFIX}{final_name}.{}.{nanos}.{}.{}",
             std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            host_tag()
         );
         let path = dir.join(unique);
         let file = OpenOptions::new()
@@ -228,26 +230,76 @@ impl Drop for TempFile {
     }
 }
 
+/// How long a temporary file written from another host (or PID namespace) is left alone:
+/// its writer's process cannot be looked up from here, and no single file takes this long.
+const FOREIGN_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// This host's name, reduced to letters, digits and `-` (at most 32), ending every
+/// temporary name: a process id means something only on the host that issued it, and a
+/// repository on shared storage may be written from several (a primary and a standby with
+/// `archive_mode = always`, or containers with PID namespaces of their own).
+fn host_tag() -> &'static str {
+    static TAG: OnceLock<String> = OnceLock::new();
+    TAG.get_or_init(|| {
+        let host = nix::unistd::gethostname().unwrap_or_default();
+        let tag: String = host
+            .to_string_lossy()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(32)
+            .collect();
+        // The leading letter keeps the tag from ever reading as one of the numbers.
+        format!("h{tag}")
+    })
+}
+
+/// The parts of a temporary file's name: the final name it was for, the writer's process
+/// id, and the writer's host tag (absent in names written before hosts were recorded).
+/// `None` for a name that is not a temporary file's.
+pub fn parse_temp_name(file_name: &str) -> Option<(&str, i32, Option<&str>)> {
+    let rest = file_name.strip_prefix(TEMP_PREFIX)?;
+    // <final name>.<pid>.<nanos>.<counter>[.<host tag>]
+    let (before, last) = rest.rsplit_once('.')?;
+    let (numbers, host) = if last.starts_with('h') {
+        (before, Some(last))
+    } else {
+        (rest, None)
+    };
+    let mut parts = numbers.rsplitn(4, '.');
+    let (_counter, _nanos, pid) = (parts.next()?, parts.next()?, parts.next()?);
+    let final_name = parts.next()?;
+    Some((final_name, pid.parse().ok()?, host))
+}
+
 /// Removes temporary files for `final_name` in `dir` that were left by processes which no
 /// longer exist (killed before they could clean up). Files of live processes, including
-/// this one, are left alone. Returns how many were removed.
+/// this one, are left alone; so are files written from another host, until they are older
+/// than [`FOREIGN_TEMP_AGE`]. Returns how many were removed.
 pub fn sweep_stale(dir: &Path, final_name: &str) -> usize {
-    let prefix = format!("{TEMP_PREFIX}{final_name}.");
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+        let Some((for_name, pid, host)) = name.to_str().and_then(parse_temp_name) else {
             continue;
         };
-        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+        if for_name != final_name {
             continue;
+        }
+        let gone = if host.is_none_or(|h| h == host_tag()) {
+            pid != std::process::id() as i32
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > FOREIGN_TEMP_AGE)
         };
-        let gone = pid != std::process::id() as i32
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                == Err(nix::errno::Errno::ESRCH);
         if gone && fs::remove_file(entry.path()).is_ok() {
             tracing::debug!(
                 "removed {} left by exited process {pid}",
@@ -356,6 +408,54 @@ mod tests {
         assert!(!dead.exists());
         assert!(other_name.exists());
         assert!(live.path().exists());
+    }
+
+    #[test]
+    fn temp_names_carry_the_host_and_foreign_ones_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = TempFile::new_in(dir.path(), "a.b.backup").unwrap();
+        let name = mine
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (final_name, pid, host) = parse_temp_name(&name).unwrap();
+        assert_eq!(final_name, "a.b.backup");
+        assert_eq!(pid, std::process::id() as i32);
+        assert_eq!(host, Some(host_tag()));
+
+        for (name, expected) in [
+            (".walkeep-tmp.seg.12.34.5", Some(("seg", 12, None))),
+            (
+                ".walkeep-tmp.x.y.12.34.5.hnode-2",
+                Some(("x.y", 12, Some("hnode-2"))),
+            ),
+            (".walkeep-tmp.seg.12.34", None),
+            (".walkeep-tmp.seg.pid.34.5", None),
+            ("seg.12.34.5", None),
+        ] {
+            assert_eq!(parse_temp_name(name), expected, "{name}");
+        }
+
+        // A dead process id on another host means nothing here: its file stays until it
+        // is older than a day.
+        let foreign = dir
+            .path()
+            .join(format!("{TEMP_PREFIX}seg.99999999.1.0.hother-host"));
+        fs::write(&foreign, b"x").unwrap();
+        assert_eq!(sweep_stale(dir.path(), "seg"), 0);
+        assert!(foreign.exists());
+        let old = SystemTime::now() - FOREIGN_TEMP_AGE - Duration::from_secs(60);
+        File::options()
+            .write(true)
+            .open(&foreign)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(sweep_stale(dir.path(), "seg"), 1);
+        assert!(!foreign.exists());
     }
 
     #[test]

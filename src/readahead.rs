@@ -56,6 +56,20 @@ pub fn width(configured: Option<usize>) -> usize {
         .min(spool::MAX_WIDTH)
 }
 
+/// What a call may hold in memory for objects uploaded whole (see
+/// [`crate::storage::Storage::buffers_conditional_creates`]), this file's included.
+const BUFFERED_OBJECTS_BUDGET: u64 = 48 << 20;
+
+/// `width`, lowered where each object in flight is held in memory until uploaded, so that
+/// the call's objects fit [`BUFFERED_OBJECTS_BUDGET`] even if the WAL does not compress.
+fn bounded_by_memory(repo: &Repository, width: usize) -> usize {
+    if !repo.storage().buffers_conditional_creates() {
+        return width;
+    }
+    let in_flight = (BUFFERED_OBJECTS_BUDGET / repo.segment_size()).max(1) as usize;
+    width.min(in_flight - 1)
+}
+
 /// How a call for one file ended.
 #[derive(Debug)]
 pub enum Outcome {
@@ -151,6 +165,7 @@ pub fn archive(
         return Ok(outcome);
     }
 
+    let width = bounded_by_memory(repo, width);
     let status_dir = wal_dir.join("archive_status");
     let ahead = if width > 0 {
         choose_ahead(wal_dir, &status_dir, &markers, &wal_name, width)
@@ -329,10 +344,10 @@ fn prune_markers(markers: &Path, status_dir: &Path) {
         let Some(file_name) = file_name.to_str() else {
             continue;
         };
-        if let Some(rest) = file_name.strip_prefix(TEMP_PREFIX) {
-            // <final name>.<pid>.<nanos>.<counter>
-            let final_name = rest.rsplitn(4, '.').nth(3).unwrap_or(rest);
-            durable::sweep_stale(markers, final_name);
+        if file_name.starts_with(TEMP_PREFIX) {
+            if let Some((final_name, _, _)) = durable::parse_temp_name(file_name) {
+                durable::sweep_stale(markers, final_name);
+            }
             continue;
         }
         if !status_dir.join(format!("{file_name}.ready")).exists() {

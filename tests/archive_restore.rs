@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     as_cluster_user, bin, cluster_user, expect_status, fix_ownership, pg_command, run, run_ok,
-    stderr_text, Cluster, InitOptions, Scratch,
+    stderr_text, walkeep_command, Cluster, InitOptions, Scratch,
 };
 use sha2::{Digest, Sha256};
 
@@ -51,21 +51,9 @@ const HISTORY_TEXT: &str = "1\t0/3000158\tno recovery target specified\n";
 // Running the binaries
 // ---------------------------------------------------------------------------------------
 
-/// A walkeep binary run as the cluster user, untouched by the caller's walkeep settings:
-/// no repository or fault from the environment, and an empty configuration file.
+/// A walkeep binary run as the cluster user, with no configuration file.
 fn walkeep(name: &str) -> Command {
-    let mut cmd = Command::new(bin(name));
-    for var in [
-        "WALKEEP_REPO",
-        "WALKEEP_RESTORE_ON_ERROR",
-        "WALKEEP_TEST_FAULT",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("WALKEEP_CONFIG", "/dev/null");
-    as_cluster_user(&mut cmd);
-    cmd
+    walkeep_command(name, Path::new("/dev/null"))
 }
 
 fn archive_cmd(repo: &Path, path: &Path, name: &str) -> Command {

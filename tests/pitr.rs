@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use common::{as_cluster_user, bin, pg_command, run, run_ok, Cluster, InitOptions, Scratch};
+use common::{
+    as_cluster_user, bin, pg_command, run, run_ok, walkeep_command, Cluster, InitOptions, Scratch,
+};
 
 /// How long a WAL segment may take to reach the repository after a switch.
 const ARCHIVE_WAIT: Duration = Duration::from_secs(60);
@@ -54,9 +56,8 @@ fn text(bytes: &[u8]) -> String {
 
 /// `walkeep <subcommand> --repo <repo>`, run as the cluster user, who owns the repository.
 fn walkeep(subcommand: &str, repo: &Path) -> Command {
-    let mut cmd = Command::new(bin("walkeep"));
+    let mut cmd = walkeep_command("walkeep", Path::new("/dev/null"));
     cmd.arg(subcommand).arg("--repo").arg(repo);
-    as_cluster_user(&mut cmd);
     cmd
 }
 

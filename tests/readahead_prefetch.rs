@@ -27,7 +27,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    as_cluster_user, bin, expect_status, fix_ownership, run, run_ok, Cluster, InitOptions, Scratch,
+    bin, expect_status, fix_ownership, run, run_ok, walkeep_command, Cluster, InitOptions, Scratch,
 };
 use fs2::FileExt;
 
@@ -50,21 +50,9 @@ const WAIT: Duration = Duration::from_secs(60);
 // Running the binaries
 // ---------------------------------------------------------------------------------------
 
-/// A walkeep binary run as the cluster user, untouched by the caller's walkeep settings.
+/// A walkeep binary run as the cluster user, with no configuration file.
 fn walkeep(name: &str) -> Command {
-    let mut cmd = Command::new(bin(name));
-    for var in [
-        "WALKEEP_REPO",
-        "WALKEEP_RESTORE_ON_ERROR",
-        "WALKEEP_SPOOL_DIR",
-        "WALKEEP_TEST_FAULT",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("WALKEEP_CONFIG", "/dev/null");
-    as_cluster_user(&mut cmd);
-    cmd
+    walkeep_command(name, Path::new("/dev/null"))
 }
 
 /// `walkeep-archive -v --repo <repo> --spool-dir <spool> --readahead <width> <path> <name>`.

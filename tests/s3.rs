@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::s3::S3Server;
 use common::{
-    as_cluster_user, bin, expect_status, fix_ownership, run, run_ok, stderr_text, Cluster,
+    bin, expect_status, fix_ownership, run, run_ok, stderr_text, walkeep_command, Cluster,
     InitOptions, Scratch,
 };
 use walkeep::storage::{Commit, Committed, Storage};
@@ -26,20 +26,10 @@ fn prefix(test: &str) -> String {
     format!("{test}-{}", std::process::id())
 }
 
+/// A walkeep binary run as the cluster user; the configuration file names the repository
+/// and the server.
 fn walkeep(name: &str, config: &Path) -> Command {
-    let mut cmd = Command::new(bin(name));
-    for var in [
-        "WALKEEP_REPO",
-        "WALKEEP_TEST_FAULT",
-        "RUST_LOG",
-        "WALKEEP_RESTORE_ON_ERROR",
-    ] {
-        cmd.env_remove(var);
-    }
-    // The configuration file names the repository and the server.
-    cmd.env("WALKEEP_CONFIG", config);
-    as_cluster_user(&mut cmd);
-    cmd
+    walkeep_command(name, config)
 }
 
 fn stderr(output: &Output) -> String {

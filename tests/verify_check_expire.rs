@@ -31,7 +31,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use common::{
-    as_cluster_user, bin, fix_ownership, pg_command, run, run_ok, Cluster, InitOptions, Scratch,
+    as_cluster_user, bin, fix_ownership, pg_command, run, run_ok, walkeep_command, Cluster,
+    InitOptions, Scratch,
 };
 
 /// How long a WAL segment may take to reach the repository after a switch.
@@ -59,28 +60,15 @@ fn text(bytes: &[u8]) -> String {
 /// `walkeep <subcommand> --repo <repo>`, run as the cluster user and untouched by the
 /// caller's walkeep settings (no repository from the environment, an empty config file).
 fn walkeep(subcommand: &str, repo: &Path) -> Command {
-    let mut cmd = Command::new(bin("walkeep"));
-    cmd.env_remove("WALKEEP_REPO")
-        .env_remove("RUST_LOG")
-        .env("WALKEEP_CONFIG", "/dev/null")
-        .arg(subcommand)
-        .arg("--repo")
-        .arg(repo);
-    as_cluster_user(&mut cmd);
+    let mut cmd = walkeep_command("walkeep", Path::new("/dev/null"));
+    cmd.arg(subcommand).arg("--repo").arg(repo);
     cmd
 }
 
 /// `walkeep-restore --repo <repo> <name> <dest>`, run as the cluster user.
 fn walkeep_restore(repo: &Path, name: &str, dest: &Path) -> Command {
-    let mut cmd = Command::new(bin("walkeep-restore"));
-    cmd.env_remove("WALKEEP_REPO")
-        .env_remove("WALKEEP_RESTORE_ON_ERROR")
-        .env("WALKEEP_CONFIG", "/dev/null")
-        .arg("--repo")
-        .arg(repo)
-        .arg(name)
-        .arg(dest);
-    as_cluster_user(&mut cmd);
+    let mut cmd = walkeep_command("walkeep-restore", Path::new("/dev/null"));
+    cmd.arg("--repo").arg(repo).arg(name).arg(dest);
     cmd
 }
 

@@ -86,6 +86,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// so there this does nothing.
     fn sync(&self, key: &str) -> Result<()>;
 
+    /// True if and only if an object created with [`Commit::IfAbsent`] is held in memory
+    /// whole until committed (an object store's conditional create is one request), so
+    /// that a caller creating several at once must bound how many.
+    fn buffers_conditional_creates(&self) -> bool {
+        false
+    }
+
     /// Starts a new object under `key`, to be published as `mode` says. The mode is fixed
     /// up front because an object store must know it before the upload starts: a
     /// conditional create is one request, a large replaceable object a multipart upload.

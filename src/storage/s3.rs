@@ -595,6 +595,13 @@ impl Storage for S3Storage {
         Ok(())
     }
 
+    // Known shortcoming: object_store 0.12 has no conditional multipart completion, so a
+    // WAL object is uploaded in one conditional PUT from memory: up to a segment's size
+    // (16 MiB by default, 1 GiB at most) for WAL that does not compress.
+    fn buffers_conditional_creates(&self) -> bool {
+        true
+    }
+
     fn create(&self, key: &str, mode: Commit) -> Result<Box<dyn ObjectWriter>> {
         Ok(Box::new(S3Writer {
             inner: self.inner.clone(),

@@ -207,6 +207,21 @@ pub fn bin(name: &str) -> PathBuf {
     DIR.get_or_init(|| must(copy_binaries())).join(name)
 }
 
+/// The walkeep binary `name`, run as the cluster user and untouched by the caller's walkeep
+/// settings: no `WALKEEP_*` variable and no `RUST_LOG` from the environment, and settings
+/// from the configuration file `config` alone (`/dev/null` for none).
+pub fn walkeep_command(name: &str, config: &Path) -> Command {
+    let mut cmd = Command::new(bin(name));
+    for (var, _) in env::vars_os() {
+        if var.to_string_lossy().starts_with("WALKEEP_") || var == "RUST_LOG" {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env("WALKEEP_CONFIG", config);
+    as_cluster_user(&mut cmd);
+    cmd
+}
+
 fn copy_binaries() -> Result<PathBuf> {
     let base = scratch_base();
     remove_stale_binary_copies(&base);
