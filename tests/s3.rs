@@ -132,6 +132,61 @@ fn conditional_create_lets_exactly_one_of_two_writers_win() {
     assert_eq!(read_object(&storage, "wal/x/seg.zst").unwrap(), b"first");
 }
 
+/// Takers of one lock, each with a client of its own, never hold it exclusively at the same
+/// time, and shared holders exclude an exclusive one.
+#[test]
+fn lock_leases_never_let_two_conflicting_holders_in() {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Arc;
+    let Some(server) = S3Server::shared() else {
+        return;
+    };
+    let prefix = prefix("lock");
+    // Positive: shared holders; -1: one exclusive holder.
+    let state = Arc::new(AtomicI32::new(0));
+    let overlaps = Arc::new(AtomicI32::new(0));
+    let takers: Vec<_> = (0..4)
+        .map(|i| {
+            let storage = server.storage(&prefix);
+            let (state, overlaps) = (state.clone(), overlaps.clone());
+            std::thread::spawn(move || {
+                let exclusive = i % 2 == 0;
+                for _ in 0..3 {
+                    let _guard = storage.lock("expire", exclusive).unwrap();
+                    let entered = if exclusive {
+                        state.compare_exchange(0, -1, Ordering::SeqCst, Ordering::SeqCst)
+                    } else {
+                        state.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n >= 0).then_some(n + 1)
+                        })
+                    };
+                    if entered.is_err() {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    if entered.is_ok() {
+                        let back = if exclusive { 1 } else { -1 };
+                        state.fetch_add(back, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for taker in takers {
+        taker.join().unwrap();
+    }
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "conflicting holders overlapped"
+    );
+    assert_eq!(state.load(Ordering::SeqCst), 0);
+    // Every lease was withdrawn or released.
+    let storage = server.storage(&prefix);
+    let leases = storage.list_children("locks/expire/").unwrap();
+    assert!(leases.is_empty(), "leases left behind: {leases:?}");
+}
+
 #[test]
 fn abandoned_multipart_upload_leaves_nothing_visible() {
     let Some(server) = S3Server::shared() else {
@@ -350,6 +405,18 @@ fn server_stopped_mid_archive_fails_and_the_retry_succeeds() {
         stderr(&output)
     );
 
+    // An unreachable repository is not an absent file: recovery must stop, not promote.
+    let dest = scratch.dir("while-down").join(name);
+    let began = Instant::now();
+    let output = restore(&config, name, &dest);
+    expect_status(&output, RESTORE_FATAL, "restore with the server down");
+    assert!(!dest.exists());
+    assert!(
+        began.elapsed() < Duration::from_secs(60),
+        "the retries are not bounded: {:?}",
+        began.elapsed()
+    );
+
     server.restart();
     let storage = server.storage(&prefix("stopped"));
     assert_eq!(
@@ -361,6 +428,33 @@ fn server_stopped_mid_archive_fails_and_the_retry_succeeds() {
     let dest = scratch.dir("restored").join(name);
     expect_status(&restore(&config, name, &dest), 0, "restore");
     assert!(fs::read(&dest).unwrap() == *bytes);
+
+    // Credentials the server refuses fail loudly, and never read as "absent".
+    let wrong = scratch.path().join("wrong-secret.toml");
+    let text = fs::read_to_string(&config).unwrap();
+    fs::write(
+        &wrong,
+        text.replace(common::s3::SECRET_KEY, "not-the-secret"),
+    )
+    .unwrap();
+    fix_ownership(&wrong);
+    let dest = scratch.dir("refused").join(name);
+    let output = restore(&wrong, name, &dest);
+    expect_status(&output, RESTORE_FATAL, "restore with a wrong secret key");
+    assert!(!dest.exists());
+    assert!(
+        !stderr(&output).contains("not-the-secret"),
+        "a credential was logged"
+    );
+    let output = archive(&wrong, &path, name);
+    let status = output
+        .status
+        .code()
+        .expect("exited, not killed by a signal");
+    assert!(
+        (1..=125).contains(&status),
+        "archive with a wrong secret key: {status}"
+    );
 }
 
 #[test]

@@ -536,23 +536,39 @@ impl S3Storage {
         Ok(())
     }
 
-    /// Live leases under `locks/<name>/`, as key names (`x-...` or `s-...`).
-    fn live_leases(&self, name: &str) -> Result<Vec<String>> {
-        let now = Utc::now();
-        Ok(self
-            .inner
-            .list(&format!("locks/{name}/"))?
+    /// The leases under `locks/<name>/` other than `own` that are still live, as key names
+    /// (`x-...` or `s-...`). Ages are measured on the server's clock, against the time it
+    /// gave `own` (written just before), so a skewed local clock cannot make a live lease
+    /// look abandoned.
+    fn other_live_leases(&self, name: &str, own: &str) -> Result<Vec<String>> {
+        let leases = self.inner.list(&format!("locks/{name}/"))?;
+        let server_now = leases
+            .iter()
+            .find(|m| m.location.filename() == Some(own))
+            .map_or_else(Utc::now, |m| m.last_modified);
+        Ok(leases
             .into_iter()
             .filter(|m| {
-                let age = now
+                let age = server_now
                     .signed_duration_since(m.last_modified)
                     .to_std()
                     .unwrap_or_default();
                 age < LEASE_STALE
             })
             .filter_map(|m| m.location.filename().map(str::to_string))
+            .filter(|l| l != own)
             .collect())
     }
+}
+
+/// A pause of 250 to 1000 ms before trying for a lock again, different for each process
+/// and attempt so that two that keep colliding drift apart.
+fn lock_backoff(attempt: u32) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let spread = (nanos ^ std::process::id().wrapping_mul(2_654_435_761) ^ attempt) % 750;
+    Duration::from_millis(250 + u64::from(spread))
 }
 
 impl Storage for S3Storage {
@@ -749,43 +765,30 @@ impl Storage for S3Storage {
         let kind = if exclusive { "x" } else { "s" };
         let own = format!("{kind}-{}", unique_suffix());
         let path = self.inner.path(&format!("locks/{name}/{own}"))?;
-        let mut waited = false;
+        // Write our lease first, then look: whoever of two conflicting takers lists second
+        // sees the other's lease (it was written before the first one listed), so at most
+        // one of them can find itself alone. One that is not alone withdraws and tries
+        // again later; both may withdraw, never both hold.
+        let mut attempt = 0;
         loop {
-            let others: Vec<String> = self
-                .live_leases(name)?
-                .into_iter()
-                .filter(|l| l != &own)
-                .collect();
-            let blocked = if exclusive {
-                !others.is_empty()
-            } else {
-                others.iter().any(|l| l.starts_with("x-"))
-            };
-            if !blocked {
-                self.put_lease(&path)?;
-                // Check again now that ours is visible: of two that raced, the one with the
-                // smaller lease name keeps the lock, the other backs off.
-                let others: Vec<String> = self
-                    .live_leases(name)?
-                    .into_iter()
-                    .filter(|l| l != &own)
-                    .collect();
-                let conflict = others.iter().any(|l| {
-                    let exclusive_other = l.starts_with("x-");
-                    (exclusive || exclusive_other) && l < &own
-                });
-                if !conflict {
-                    break;
-                }
-                let inner = &self.inner;
-                let _ = inner.block(async { inner.store.delete(&path).await });
+            self.put_lease(&path)?;
+            let others = self.other_live_leases(name, &own)?;
+            let conflict = others.iter().any(|l| exclusive || l.starts_with("x-"));
+            if !conflict {
+                break;
             }
-            if !waited {
+            let inner = &self.inner;
+            let _ = inner.block(async { inner.store.delete(&path).await });
+            if attempt == 0 {
                 tracing::info!("waiting for lock {name} in {}", self.location());
-                waited = true;
             }
-            std::thread::sleep(Duration::from_millis(500));
+            attempt += 1;
+            std::thread::sleep(lock_backoff(attempt));
         }
+        // Known shortcoming: a holder that cannot refresh its lease for LEASE_STALE (the
+        // store unreachable for five minutes) is not told; another process may then take
+        // the lock while this one still works. Both would be failing against an
+        // unreachable store, but nothing fences the late one.
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {
             let (storage, path, stop) = (self.clone(), path.clone(), stop.clone());
