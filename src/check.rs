@@ -103,18 +103,41 @@ fn shell_words(command: &str) -> Vec<String> {
 }
 
 /// The repository `archive_command` names with `--repo`, if it does.
-fn repo_in_command(command: &str) -> Option<String> {
+/// The value of `flag` (`--flag VALUE` or `--flag=VALUE`) in a shell command line.
+fn flag_in_command(command: &str, flag: &str) -> Option<String> {
     let words = shell_words(command);
     let mut iter = words.iter();
     while let Some(word) = iter.next() {
-        if word == "--repo" {
+        if word == flag {
             return iter.next().cloned();
         }
-        if let Some(value) = word.strip_prefix("--repo=") {
+        if let Some(value) = word.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
             return Some(value.to_string());
         }
     }
     None
+}
+
+/// Where `archive_command` stores, as far as can be told from here: its `--repo`, else
+/// the `repo` of the configuration file it names with `--config`, else of the default
+/// file. `Err` says why it cannot be told (the named file unreadable by this user).
+fn repo_of_command(command: &str, configured: Option<&str>) -> Result<Option<String>, String> {
+    if let Some(repo) = flag_in_command(command, "--repo") {
+        return Ok(Some(repo));
+    }
+    if let Some(config) = flag_in_command(command, "--config") {
+        return match crate::config::FileConfig::load(Some(Path::new(&config))) {
+            Ok(file) => Ok(file.repo),
+            Err(e) => Err(format!("{e:#}")),
+        };
+    }
+    // Without either, walkeep-archive reads WALKEEP_CONFIG from the server's environment
+    // (not visible from here) or the default file.
+    let default = Path::new(crate::config::DEFAULT_CONFIG_PATH);
+    match crate::config::FileConfig::load(Some(default)) {
+        Ok(file) if file.repo.is_some() => Ok(file.repo),
+        _ => Ok(configured.map(str::to_string)),
+    }
 }
 
 fn same_location(a: &str, b: &str) -> bool {
@@ -158,7 +181,6 @@ pub async fn run(
         ),
     }
     let command = setting(&client, "archive_command").await?;
-    let named = repo_in_command(&command);
     if !matches!(archive_mode.as_str(), "on" | "always") {
         // PostgreSQL shows "(disabled)" instead of the command while archiving is off.
         report.push(
@@ -172,28 +194,30 @@ pub async fn run(
             "fail",
             format!("{command:?} does not call walkeep-archive"),
         );
-    } else if let Some(named) = &named {
-        if same_location(named, location) {
-            report.push("archive_command", "ok", command.clone());
-        } else {
-            report.push(
+    } else {
+        match repo_of_command(&command, configured_repo) {
+            Ok(Some(named)) if same_location(&named, location) => {
+                report.push("archive_command", "ok", command.clone());
+            }
+            Ok(Some(named)) => report.push(
                 "archive_command",
                 "fail",
                 format!("{command:?} archives into {named}, not into {location}"),
-            );
+            ),
+            Ok(None) => report.push(
+                "archive_command",
+                "warn",
+                format!("{command:?} names no repository; the end-to-end check below decides"),
+            ),
+            Err(why) => report.push(
+                "archive_command",
+                "warn",
+                format!(
+                    "cannot tell where {command:?} archives ({why}); the end-to-end check \
+                     below decides"
+                ),
+            ),
         }
-    } else if configured_repo.is_some_and(|c| same_location(c, location)) {
-        report.push(
-            "archive_command",
-            "ok",
-            format!("{command} (repository from the config file)"),
-        );
-    } else {
-        report.push(
-            "archive_command",
-            "warn",
-            format!("{command:?} names no --repo; the end-to-end check below decides"),
-        );
     }
     let timeout_setting = setting(&client, "archive_timeout").await?;
     if timeout_setting == "0" {
@@ -310,7 +334,36 @@ mod tests {
             ("walkeep-archive --repo /a\\ b %p %f", Some("/a b")),
         ];
         for (command, repo) in cases {
-            assert_eq!(repo_in_command(command).as_deref(), repo, "{command}");
+            assert_eq!(
+                flag_in_command(command, "--repo").as_deref(),
+                repo,
+                "{command}"
+            );
         }
+    }
+
+    #[test]
+    fn follows_the_config_file_that_archive_command_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("walkeep.toml");
+        std::fs::write(&config, "repo = \"/srv/elsewhere\"\n").unwrap();
+        let command = format!("walkeep-archive --config {} %p %f", config.display());
+        assert_eq!(
+            repo_of_command(&command, Some("/srv/mine")),
+            Ok(Some("/srv/elsewhere".to_string()))
+        );
+        let command = format!("walkeep-archive --config={} %p %f", config.display());
+        assert_eq!(
+            repo_of_command(&command, None),
+            Ok(Some("/srv/elsewhere".to_string()))
+        );
+        let missing = "walkeep-archive --config /nonexistent/walkeep.toml %p %f";
+        assert!(repo_of_command(missing, Some("/srv/mine")).is_err());
+        // --repo wins over --config, as in walkeep-archive.
+        let both = format!(
+            "walkeep-archive --config {} --repo /r %p %f",
+            config.display()
+        );
+        assert_eq!(repo_of_command(&both, None), Ok(Some("/r".to_string())));
     }
 }
