@@ -108,8 +108,20 @@ pub fn restore_command_for(location: &str, config: Option<&Path>) -> String {
     format!(
         "{} --repo {}{config} %f %p",
         shell_quote(&exe),
-        shell_quote(location)
+        shell_quote(&absolute_location(location))
     )
+}
+
+/// `location` as `restore_command` must name it: PostgreSQL runs the command in the data
+/// directory, where a relative path means something else. URLs are kept as they are.
+fn absolute_location(location: &str) -> String {
+    if location.contains("://") {
+        return location.to_string();
+    }
+    let path = Path::new(location);
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .map_or_else(|_| location.to_string(), |p| p.display().to_string())
 }
 
 /// Plans, checks and restores. Returns the plan followed.
@@ -209,6 +221,13 @@ fn prepare_directory(dir: &Path, force: bool) -> Result<()> {
                     dir.display()
                 );
             }
+            if let Some(pid) = running_postmaster(dir) {
+                bail!(
+                    "{} belongs to a running PostgreSQL server (postmaster.pid names process \
+                     {pid}); stop it before restoring over it, even with --force",
+                    dir.display()
+                );
+            }
             for entry in fs::read_dir(dir)? {
                 let path = entry?.path();
                 if path.is_dir() && !path.is_symlink() {
@@ -224,6 +243,18 @@ fn prepare_directory(dir: &Path, force: bool) -> Result<()> {
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("failed to set permissions on {}", dir.display()))
+}
+
+/// The process id in `dir/postmaster.pid` if that process is alive: the directory is a
+/// running server's data directory.
+fn running_postmaster(dir: &Path) -> Option<i32> {
+    let text = fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let alive = match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(errno) => errno == nix::errno::Errno::EPERM,
+    };
+    (pid > 0 && alive).then_some(pid)
 }
 
 fn restore_one(repo: &Repository, backup: &Manifest, entry: &FileEntry, path: &Path) -> Result<()> {
@@ -354,5 +385,42 @@ mod tests {
         );
         assert_eq!(shell_quote("/my repo/it's"), "'/my repo/it'\\''s'");
         assert_eq!(conf_quote("a 'b' %f"), "'a ''b'' %f'");
+    }
+
+    #[test]
+    fn restore_command_names_the_repository_absolutely() {
+        let cwd = std::env::current_dir().unwrap();
+        let command = restore_command_for("relative/repo", None);
+        let expected = shell_quote(&cwd.join("relative/repo").display().to_string());
+        assert!(
+            command.contains(&format!("--repo {expected} ")),
+            "{command}"
+        );
+        let command = restore_command_for("s3://bucket/prefix", None);
+        assert!(command.contains("--repo s3://bucket/prefix "), "{command}");
+    }
+
+    #[test]
+    fn force_never_empties_a_running_servers_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("PG_VERSION");
+        fs::write(&file, "15\n").unwrap();
+        // This test process stands in for a live postmaster.
+        fs::write(
+            dir.path().join("postmaster.pid"),
+            format!("{}\n/some/pgdata\n", std::process::id()),
+        )
+        .unwrap();
+        let err = prepare_directory(dir.path(), true).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("running PostgreSQL server"),
+            "{err:#}"
+        );
+        assert!(file.exists());
+
+        // A stale pid file (its process gone) is only a leftover.
+        fs::write(dir.path().join("postmaster.pid"), "99999999\n").unwrap();
+        prepare_directory(dir.path(), true).unwrap();
+        assert!(!file.exists());
     }
 }
