@@ -549,9 +549,6 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
                 last_needed = path.segment(lsn.segment_number(size), size);
             }
             Target::Time(t) => {
-                if let Some(after) = &gap_then_more {
-                    return Err(gap_refusal(after));
-                }
                 let t = t.with_timezone(&Utc);
                 let reach = archive.reach(repo, &path, first, missing)?;
                 let ends_after = reach.last_xact_end.is_some_and(|end| {
@@ -561,6 +558,11 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
                         end >= t
                     }
                 });
+                // A transaction that ended after the target, in the WAL before the gap, is
+                // where replay stops: the gap is never reached.
+                if let (false, Some(after)) = (ends_after, &gap_then_more) {
+                    return Err(gap_refusal(after));
+                }
                 let written = archive.last_written(repo, &last_present)?;
                 match written {
                     _ if ends_after => {}
@@ -673,7 +675,10 @@ pub struct Window {
     pub latest_time: Option<DateTime<Utc>>,
 }
 
-/// The recovery window of every timeline that some backup can reach.
+/// The recovery windows of every timeline that some backup can reach, in order of
+/// timeline and then position. A timeline has more than one when a gap in its WAL cuts
+/// the range an older backup reaches off from the range of a newer one: the moments in
+/// between cannot be restored to.
 pub fn windows(repo: &Repository) -> Result<Vec<Window>> {
     let backups = manifest::list(repo)?;
     let archive = WalArchive::load(repo)?;
@@ -681,36 +686,36 @@ pub fn windows(repo: &Repository) -> Result<Vec<Window>> {
     let mut out = Vec::new();
     for timeline in archive.timelines() {
         let path = archive.path(repo, timeline)?;
-        let mut best: Option<Window> = None;
+        // (earliest, latest, backup) of each backup that reaches past its own end.
+        let mut reaches = Vec::new();
         for backup in backups
             .iter()
             .filter(|b| path.contains_at(b.timeline, b.stop_lsn))
         {
             let missing = archive.first_missing(&path, backup.start_lsn);
-            if Lsn(missing * size) <= backup.stop_lsn {
-                continue;
+            if Lsn(missing * size) > backup.stop_lsn {
+                reaches.push((backup.stop_lsn, missing, backup));
             }
+        }
+        reaches.sort_by_key(|(earliest, _, _)| *earliest);
+        let mut merged: Vec<(Lsn, u64, &Manifest)> = Vec::new();
+        for (earliest, missing, backup) in reaches {
+            match merged.last_mut() {
+                Some(last) if earliest <= Lsn(last.1 * size) => last.1 = last.1.max(missing),
+                _ => merged.push((earliest, missing, backup)),
+            }
+        }
+        for (earliest, missing, backup) in merged {
             let last = path.segment(missing - 1, size);
-            let window = Window {
+            out.push(Window {
                 timeline,
                 backup_id: backup.id.clone(),
-                earliest_lsn: backup.stop_lsn,
+                earliest_lsn: earliest,
                 earliest_time: backup.stop_time,
                 latest_lsn: Lsn(missing * size),
                 latest_time: archive.last_written(repo, &last)?,
-            };
-            best = match best {
-                None => Some(window),
-                Some(mut b) => {
-                    if window.latest_lsn > b.latest_lsn {
-                        b.latest_lsn = window.latest_lsn;
-                        b.latest_time = window.latest_time;
-                    }
-                    Some(b)
-                }
-            };
+            });
         }
-        out.extend(best);
     }
     Ok(out)
 }

@@ -7,6 +7,7 @@
 //! segments wait and the last attempt failed after the last success: PostgreSQL retries the
 //! oldest segment forever, and `pg_wal` grows until the disk is full.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -240,12 +241,18 @@ pub fn openmetrics(status: &Status) -> String {
             a.failed_count
         );
     }
-    if !status.recovery_windows.is_empty() {
+    // One series per timeline: the window that reaches the end of its archive (earlier
+    // ones, cut off by a gap, are in the human and JSON output).
+    let mut current: BTreeMap<u32, &Window> = BTreeMap::new();
+    for w in &status.recovery_windows {
+        current.insert(w.timeline, w);
+    }
+    if !current.is_empty() {
         out.push_str("# TYPE walkeep_recovery_window_start_timestamp_seconds gauge\n");
         out.push_str(
             "# HELP walkeep_recovery_window_start_timestamp_seconds Earliest restorable moment.\n",
         );
-        for w in &status.recovery_windows {
+        for w in current.values() {
             let _ = writeln!(
                 out,
                 "walkeep_recovery_window_start_timestamp_seconds{{timeline=\"{}\"}} {}",
@@ -257,11 +264,7 @@ pub fn openmetrics(status: &Status) -> String {
         out.push_str(
             "# HELP walkeep_recovery_window_end_timestamp_seconds Latest restorable moment.\n",
         );
-        for w in status
-            .recovery_windows
-            .iter()
-            .filter(|w| w.latest_time.is_some())
-        {
+        for w in current.values().filter(|w| w.latest_time.is_some()) {
             let _ = writeln!(
                 out,
                 "walkeep_recovery_window_end_timestamp_seconds{{timeline=\"{}\"}} {}",

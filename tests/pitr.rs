@@ -12,8 +12,8 @@
 //! tests commit more after their targets, switch WAL and wait until that segment is in the
 //! repository before restoring (all but the one that pins what happens without that).
 //!
-//! Tests named for a bug in walkeep fail until it is fixed; their doc comments say what is
-//! wrong.
+//! A test whose doc comment starts with "Regression:" pins a bug walkeep once had, told as
+//! it was then.
 
 mod common;
 
@@ -543,7 +543,7 @@ fn targets_past_the_end_of_the_archive_are_refused_up_front() {
     }
 }
 
-/// Bug: the planner judges that the archive reaches a target time by when its last
+/// Regression: the planner judges that the archive reaches a target time by when its last
 /// segment was last written, but PostgreSQL stops at a target time only on reading a
 /// commit after it, and ends recovery with FATAL ("recovery ended before configured
 /// recovery target was reached") when the archive holds none, as on a quiet database.
@@ -594,6 +594,9 @@ struct WalGap {
     /// A time and an LSN past the gap, with commits after them in the archive.
     time: String,
     lsn: String,
+    /// A time before the gap, with a commit after it in the segment before the gap, and
+    /// the rows as they were then.
+    before_gap: (String, String),
 }
 
 impl WalGap {
@@ -604,7 +607,12 @@ impl WalGap {
         let backup = source.backup();
 
         let mut segments = Vec::new();
+        let mut before_gap = (String::new(), String::new());
         for n in 1..=3 {
+            if n == 1 {
+                before_gap = (source.server_time(), source.items_state());
+                pause();
+            }
             source.commit_phase(n);
             segments.push(source.switch_and_archive());
         }
@@ -622,6 +630,7 @@ impl WalGap {
             missing,
             time,
             lsn,
+            before_gap,
         }
     }
 
@@ -667,7 +676,7 @@ fn missing_wal_segment_is_refused_before_the_target_dir_is_touched() {
     }
 }
 
-/// Bug: over a gap, a time target is refused as "past the end of the archive", with
+/// Regression: over a gap, a time target is refused as "past the end of the archive", with
 /// advice to switch WAL, and the deleted segment goes unnamed (the LSN refusal names it).
 #[test]
 fn time_target_past_a_wal_gap_is_refused_naming_the_missing_segment() {
@@ -683,6 +692,59 @@ fn time_target_past_a_wal_gap_is_refused_naming_the_missing_segment() {
         stderr.contains(missing.as_str()),
         "a time target past a gap should be refused naming the missing segment {missing}\n\
          {stderr}"
+    );
+}
+
+/// A gap after the target is no obstacle: replay stops at the first commit after the
+/// target time, which lies in the WAL before the gap.
+#[test]
+fn time_target_before_a_wal_gap_is_reached() {
+    let scratch = Scratch::new();
+    let gap = WalGap::new(&scratch);
+    let (time, expected) = &gap.before_gap;
+    let to = scratch.path().join("restored");
+    let output = gap
+        .source
+        .restore(&to, &["--target-time", time, "--target-action", "promote"]);
+    assert!(
+        output.status.success(),
+        "a time before the missing segment {} should be restorable\n{}",
+        gap.missing,
+        text(&output.stderr)
+    );
+    let mut restored = Cluster::from_existing(&scratch, &to);
+    restored.append_conf(&["archive_mode = off"]);
+    restored.start();
+    wait_for_promotion(&restored);
+    assert_eq!(&restored.psql(ITEMS_STATE_SQL), expected);
+}
+
+/// A gap after the older backup's end and before the newer backup's start leaves two
+/// recovery windows; `info` must not join them into one that promises the moments between.
+#[test]
+fn info_lists_two_windows_where_a_gap_parts_two_backups() {
+    let scratch = Scratch::new();
+    let gap = WalGap::new(&scratch);
+    next_second();
+    let newer = gap.source.backup();
+    gap.source.commit_phase(5);
+    gap.source.switch_and_archive();
+
+    let output = run_ok(walkeep("info", &gap.source.repo).arg("--json"));
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let windows = json["recovery_windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 2, "{json:#}");
+    // 16 MiB segments: the log and segment parts of the name give the start position.
+    let log = u64::from_str_radix(&gap.missing[8..16], 16).unwrap();
+    let seg = u64::from_str_radix(&gap.missing[16..24], 16).unwrap();
+    let gap_start = format!("{log:X}/{:X}", seg << 24);
+    assert_eq!(windows[0]["backup_id"], gap.backup.id.as_str(), "{json:#}");
+    assert_eq!(windows[0]["latest_lsn"], gap_start.as_str(), "{json:#}");
+    assert_eq!(windows[1]["backup_id"], newer.id.as_str(), "{json:#}");
+    assert_eq!(
+        windows[1]["earliest_lsn"],
+        newer.stop_lsn.as_str(),
+        "{json:#}"
     );
 }
 
@@ -980,7 +1042,7 @@ fn killed_backup_stays_invisible_and_the_next_backup_removes_its_files() {
     assert_eq!(plan["backup_id"], next.id, "{plan}");
 }
 
-/// Bug: the next backup deletes the killed backup's objects but leaves `backups/<id>/`
+/// Regression: the next backup deletes the killed backup's objects but leaves `backups/<id>/`
 /// behind: its directory tree, and the temporary file of the copy in flight at the kill.
 #[test]
 fn next_backup_leaves_nothing_of_a_killed_backup() {
