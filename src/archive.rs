@@ -191,6 +191,10 @@ impl Offer<'_> {
                 // PostgreSQL recycles the segment on exit 0, so the stored copy must be
                 // durable, whoever published it.
                 storage.sync(key)?;
+                // Its archiver may have died between storing and cataloging it; readers
+                // fold a repeated record away.
+                let stored_size = storage.size(key)?.unwrap_or(0);
+                catalog::append(self.repo, &WalRecord::new(&self.name, &meta, stored_size))?;
                 return Ok(Archived::AlreadyStored { meta });
             }
             Ok(meta) => return Err(self.conflict(meta.sha256, offered)),

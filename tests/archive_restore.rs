@@ -503,6 +503,30 @@ fn identical_rearchive_succeeds_without_rewriting_and_different_content_is_refus
     }
 }
 
+/// An archiver killed after publishing an object but before cataloging it leaves the
+/// catalog without the record; PostgreSQL's retry finds the object stored and must
+/// catalog it then.
+#[test]
+fn rearchive_catalogs_a_segment_whose_first_archiver_died_before_cataloging() {
+    let fx = fixture();
+    let scratch = Scratch::new();
+    let repo = init_repo(&scratch);
+    let (name, bytes) = fx.segment(0);
+    let path = offer(&scratch, "pg_wal", name, bytes);
+    expect_status(&archive(&repo, &path, name), 0, "first archive");
+    let catalog = repo.join("catalog/wal.jsonl");
+    assert!(fs::read_to_string(&catalog).unwrap().contains(name));
+
+    // As if the first archiver had been killed before appending its record.
+    fs::write(&catalog, "").unwrap();
+    expect_status(&archive(&repo, &path, name), 0, "identical re-archive");
+    let records = fs::read_to_string(&catalog).unwrap();
+    assert!(
+        records.contains(&format!("\"name\":\"{name}\"")),
+        "the re-archive did not catalog {name}: {records:?}"
+    );
+}
+
 #[test]
 fn segment_from_another_cluster_is_refused_naming_both_system_identifiers() {
     let fx = fixture();
