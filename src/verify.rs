@@ -132,8 +132,10 @@ enum Expect {
 pub fn run(repo: &Repository, jobs: usize, progress: bool) -> Result<Report> {
     let _expire_lock = repo.storage().lock("expire", false)?;
     let mut report = Report::default();
-    let listing = repo.storage().list("")?;
+    // Manifests first: a backup that completes in between then only adds files that no
+    // manifest read here claims, rather than a manifest whose files were not listed.
     let manifest_listing = manifest::list_all(repo)?;
+    let listing = repo.storage().list("")?;
     for (key, detail) in &manifest_listing.unreadable {
         report.damaged.push(Problem {
             key: key.clone(),
