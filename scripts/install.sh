@@ -353,6 +353,18 @@ pgdata = \"$PGDATA_DIR\"
 "
 [ -z "$CONNINFO" ] || config_text+="conninfo = \"$CONNINFO\"
 "
+# Everything else an operator added (spool_dir, [s3] and its credentials, ...) is kept,
+# after the keys above: top-level keys must come before any table.
+if [ -f "$CONFIG" ]; then
+    kept=$(grep -v -E '^[[:space:]]*(repo|pgdata|conninfo)[[:space:]]*=' "$CONFIG" \
+        | grep -v -x -F \
+            -e "# walkeep settings, written by walkeep's scripts/install.sh. Read by walkeep," \
+            -e "# walkeep-restore and walkeep-archive (PostgreSQL's archive_command names this file)." \
+            -e "# A command-line option or a WALKEEP_* variable wins over a setting here." \
+        || true)
+    [ -z "$kept" ] || config_text+="$kept
+"
+fi
 make_dir "$(dirname "$CONFIG")" 0755 root root
 write_text "$CONFIG" 0600 "${OWNER[0]}" "${OWNER[1]}" "$config_text"
 as_owner test -r "$CONFIG" || die "$OS_USER cannot read $CONFIG, so archive_command could not"

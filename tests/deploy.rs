@@ -390,6 +390,18 @@ fn install_sets_up_archiving_and_a_second_run_changes_nothing() {
         "{include}"
     );
 
+    // A setting the operator added by hand survives a later run, which then still finds
+    // nothing to change.
+    fs::write(&site.config, format!("{config}restore_prefetch = 2\n")).unwrap();
+    let fourth = site.install(&cluster);
+    let stdout = text(&fourth.stdout);
+    assert!(stdout.contains("done; nothing changed"), "{stdout}");
+    let kept = read(&site.config);
+    assert!(
+        kept.starts_with(&config) && kept.ends_with("restore_prefetch = 2\n"),
+        "the hand-added setting was not kept as written:\n{kept}"
+    );
+
     // WAL reaches the repository, and walkeep check agrees on its own.
     switch_and_archive(&cluster, &site.repo);
     run_ok(&mut walkeep(&site.config, &["check", "--timeout", "60"]));
