@@ -8,10 +8,16 @@
 //!
 //! The invariants:
 //!
-//! - a spooled file is delivered only after it hashes to the SHA-256 its object's trailer
-//!   recorded (kept in its name, `<segment>.<sha256>`) and its header names this
-//!   repository's cluster; a file that does not is removed and the segment fetched from
-//!   the repository as usual, so the spool needs no fsync and is never trusted blindly;
+//! - a spooled file is delivered only once it has hashed to the SHA-256 its object's
+//!   trailer recorded (kept in its name, `<segment>.<sha256>`) and its header has named
+//!   this repository's cluster. The worker checks both as it writes the file, then records
+//!   the file's [`Stamp`] and the boot it was made in beside it (`.verified`); a call that
+//!   finds the file with that stamp in that boot moves it into place without reading it
+//!   (a write changes the stamp, and an unsynced file is what was written until the
+//!   machine restarts; what the disk might garble in between, PostgreSQL's CRC of every
+//!   record still catches). Any other file is hashed and checked again, and one that fails is
+//!   removed and the segment fetched from the repository as usual. So the spool needs no
+//!   fsync and is never trusted blindly;
 //! - the spool holds at most `width` segments: those in the *window*, the segments of one
 //!   timeline that the last call wants next, kept in `restore/state`. Each call moves the
 //!   window to the segments after the one asked for and removes every spooled file outside
@@ -48,7 +54,7 @@ use crate::durable::{self, TempFile, FILE_MODE, TEMP_PREFIX};
 use crate::fetch::{self, Fetched};
 use crate::object;
 use crate::repo::Repository;
-use crate::spool::{self, Spool};
+use crate::spool::{self, Spool, Stamp};
 use crate::wal::{SegmentName, WalFileName};
 
 /// The spool subdirectory that holds prefetched segments.
@@ -118,6 +124,50 @@ struct Spooled {
     segno: u64,
     sha256: String,
     path: PathBuf,
+}
+
+/// Suffix of the file that records how a spooled file looked when it was verified.
+const VERIFIED_SUFFIX: &str = ".verified";
+
+/// What the worker records beside a spooled file it verified.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Verified {
+    stamp: Stamp,
+    boot_id: String,
+}
+
+/// The file recording the verification of the spooled file at `path`.
+fn verified_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(VERIFIED_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Records that the spooled file at `path` was verified, as it is now. Not synced: a
+/// record lost or torn only costs the next call a hash.
+fn record_verified(path: &Path) -> Result<()> {
+    let Some(boot_id) = spool::boot_id() else {
+        return Ok(());
+    };
+    let stamp =
+        Stamp::of_path(path).with_context(|| format!("failed to stat {}", path.display()))?;
+    let record = serde_json::to_vec(&Verified { stamp, boot_id })?;
+    let marker = verified_path(path);
+    fs::write(&marker, record).with_context(|| format!("failed to write {}", marker.display()))
+}
+
+/// True if and only if the worker verified `file` (open at `path`) and it is unchanged
+/// since, in this boot.
+fn verified_unchanged(path: &Path, file: &File) -> bool {
+    let Ok(record) = fs::read(verified_path(path)) else {
+        return false;
+    };
+    let Ok(recorded) = serde_json::from_slice::<Verified>(&record) else {
+        return false;
+    };
+    let now = file.metadata().map(|m| Stamp::of(&m));
+    now.is_ok_and(|now| now == recorded.stamp)
+        && spool::boot_id().is_some_and(|id| id == recorded.boot_id)
 }
 
 /// How a call ended.
@@ -321,6 +371,16 @@ impl RestoreSpool {
                 let _ = fs::remove_file(&spooled.path);
             }
         }
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let stale = path
+                .to_str()
+                .and_then(|p| p.strip_suffix(VERIFIED_SUFFIX))
+                .is_some_and(|spooled| !Path::new(spooled).exists());
+            if stale {
+                let _ = fs::remove_file(&path);
+            }
+        }
         if !self.worker_running() {
             for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
                 if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
@@ -489,13 +549,19 @@ impl RestoreSpool {
         let wal_name = WalFileName::Segment(spooled.segment);
 
         let (sha256, size) = if same_filesystem {
-            let (sha256, size) = object::sha256_of_reader(&mut file, &what)?;
-            check(&sha256, &spooled.sha256, &name)?;
-            fetch::check_header(repo, &wal_name, &mut file)?;
+            let (sha256, size) = if verified_unchanged(&spooled.path, &file) {
+                (spooled.sha256.clone(), file.metadata()?.len())
+            } else {
+                let (sha256, size) = object::sha256_of_reader(&mut file, &what)?;
+                check(&sha256, &spooled.sha256, &name)?;
+                fetch::check_header(repo, &wal_name, &mut file)?;
+                (sha256, size)
+            };
             // A move, not a write: the verified file keeps its inode, and PostgreSQL
             // fsyncs the restored WAL it keeps (see crate::fetch).
             fs::rename(&spooled.path, dest)
                 .with_context(|| format!("failed to move {what} to {}", dest.display()))?;
+            let _ = fs::remove_file(verified_path(&spooled.path));
             (sha256, size)
         } else {
             durable::sweep_stale(dest_dir, file_name);
@@ -511,6 +577,7 @@ impl RestoreSpool {
             fetch::check_header(repo, &wal_name, temp.file())?;
             temp.publish_replace_unsynced(dest)?;
             let _ = fs::remove_file(&spooled.path);
+            let _ = fs::remove_file(verified_path(&spooled.path));
             (sha256, size)
         };
         Ok(Outcome::FromSpool { size, sha256 })
@@ -693,8 +760,11 @@ impl Worker<'_> {
                 return Ok(false);
             }
             let path = dir.join(format!("{name}.{}", meta.sha256));
-            // Not synced: a spooled file is verified against its checksum before use.
+            // Not synced: see the module's invariants.
             temp.publish_replace_unsynced(&path)?;
+            if let Err(err) = record_verified(&path) {
+                tracing::debug!("{err:#}; {name} will be hashed again when delivered");
+            }
             Ok(true)
         })?;
         if published {
@@ -709,6 +779,42 @@ impl Worker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_verified_file_is_trusted_only_unchanged_and_in_the_same_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000000010000000000000003.abc");
+        fs::write(&path, vec![7u8; 4096]).unwrap();
+        let open = || File::open(&path).unwrap();
+        assert!(
+            !verified_unchanged(&path, &open()),
+            "trusted without a record"
+        );
+
+        record_verified(&path).unwrap();
+        assert!(verified_unchanged(&path, &open()));
+
+        // The same size and bytes written again still change the stamp (past the clock
+        // tick of the first write, for kernels with coarse file times).
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(&path, vec![7u8; 4096]).unwrap();
+        assert!(!verified_unchanged(&path, &open()), "trusted after a write");
+
+        // A record from another boot is worth nothing.
+        record_verified(&path).unwrap();
+        let marker = verified_path(&path);
+        let mut record: Verified = serde_json::from_slice(&fs::read(&marker).unwrap()).unwrap();
+        record.boot_id = "00000000-0000-0000-0000-000000000000".into();
+        fs::write(&marker, serde_json::to_vec(&record).unwrap()).unwrap();
+        assert!(
+            !verified_unchanged(&path, &open()),
+            "trusted across a restart"
+        );
+
+        // A torn record too.
+        fs::write(&marker, b"{\"stamp\":").unwrap();
+        assert!(!verified_unchanged(&path, &open()));
+    }
 
     #[test]
     fn window_holds_width_segments_of_one_timeline() {

@@ -31,7 +31,6 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -42,7 +41,7 @@ use crate::archive::{self, Archived};
 use crate::durable::{self, TEMP_PREFIX};
 use crate::object::Compression;
 use crate::repo::{self, Repository};
-use crate::spool::{self, Spool};
+use crate::spool::{self, Spool, Stamp};
 use crate::wal::WalFileName;
 
 /// The spool subdirectory that holds read-ahead markers.
@@ -82,36 +81,6 @@ pub enum Outcome {
         /// When it was pushed.
         pushed_at: DateTime<Utc>,
     },
-}
-
-/// A file's identity on disk: what must not change between pushing it and trusting that.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
-    ctime: i64,
-    ctime_nsec: i64,
-}
-
-impl Stamp {
-    fn of(meta: &fs::Metadata) -> Stamp {
-        Stamp {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-            ctime: meta.ctime(),
-            ctime_nsec: meta.ctime_nsec(),
-        }
-    }
-
-    fn of_path(path: &Path) -> io::Result<Stamp> {
-        fs::metadata(path).map(|m| Stamp::of(&m))
-    }
 }
 
 /// What is recorded once a file pushed ahead is durable in the repository.

@@ -4,8 +4,9 @@
 //! Nothing in the spool is trusted on its own. A read-ahead marker lets `walkeep-archive`
 //! skip work only when the file PostgreSQL hands over is provably the file that was pushed
 //! (same device, inode, size, mtime and ctime) and the repository still holds its object;
-//! a prefetched file is delivered only after it hashes to the checksum its object's trailer
-//! recorded. Losing the spool loses time, never WAL.
+//! a prefetched file is delivered only if it was verified against the checksum its
+//! object's trailer recorded and is provably unchanged since (or hashes to it again).
+//! Losing the spool loses time, never WAL.
 //!
 //! Layout:
 //!
@@ -13,6 +14,7 @@
 //! <spool>/<system identifier>-<16 hex digits>/  one per repository and WAL directory
 //!     archived/<name>                 read-ahead markers (JSON), see crate::readahead
 //!     restore/<name>.<sha256>         prefetched files, see crate::prefetch
+//!     restore/<name>.<sha256>.verified  the stamp of a prefetched file once verified
 //!     restore/state                   the segments wanted ahead, read and written under flock
 //!     restore/worker.lock             held by the running prefetch worker
 //!     restore/worker.log              what the last prefetch worker logged
@@ -24,10 +26,12 @@
 //! initialised anew at the same place starts with an empty spool.
 
 use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::durable;
@@ -36,6 +40,48 @@ use crate::repo::Repository;
 /// Filesystem types the spool refuses: locks and renames on network filesystems are not
 /// what the spool relies on (NFS, SMB, CIFS, SMB2).
 const REMOTE_FS_MAGICS: [i64; 4] = [0x6969, 0x517B, 0xFF53_4D42, 0xFE53_4D42];
+
+/// A file's identity on disk: what must not change between checking a file and trusting
+/// it later. A write changes the mtime and the ctime, and a ctime cannot be set back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl Stamp {
+    /// The stamp of a file `fstat` or `stat` described as `meta`.
+    pub fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
+        }
+    }
+
+    /// The stamp of the file at `path`.
+    pub fn of_path(path: &Path) -> io::Result<Stamp> {
+        fs::metadata(path).map(|m| Stamp::of(&m))
+    }
+}
+
+/// This boot's identity (`/proc/sys/kernel/random/boot_id`), `None` where unreadable. A
+/// file written without fsync is what was written only until the machine restarts.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
 
 /// The spool area of one repository and one WAL directory.
 #[derive(Debug, Clone)]
