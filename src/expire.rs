@@ -9,7 +9,9 @@
 //!
 //! Expiry holds the repository's backup lock (no backup runs meanwhile) and the expire lock
 //! exclusively (restore and verify hold it shared). Archivers need no lock: they only add
-//! segments newer than anything expire removes. A manifest is deleted before its files, so
+//! segments newer than anything expire removes. Known shortcoming: `walkeep-restore`, one
+//! process per file, holds no lock, so a recovery replaying WAL from a backup that expiry
+//! removes can find its next segment gone and stop. A manifest is deleted before its files, so
 //! an interrupted expiry leaves at worst the files of an invisible backup, which the next
 //! backup or expiry removes.
 

@@ -13,8 +13,8 @@
 //! [`image`]; two, [`timelines`]); each test writes its own copy and breaks it. Every
 //! command that touches a repository runs as the cluster user, who owns it.
 //!
-//! Tests named for a bug in walkeep fail until it is fixed; their doc comments say what
-//! is wrong.
+//! A test whose doc comment starts with "Regression:" pins a bug walkeep once had, told as
+//! it was then.
 
 mod common;
 
@@ -600,7 +600,7 @@ fn verify_names_a_changed_backup_file_as_damaged_and_the_backup_as_broken() {
     );
 }
 
-/// Bug: a manifest that is not valid JSON makes `verify` stop with "backup manifest ...
+/// Regression: a manifest that is not valid JSON makes `verify` stop with "backup manifest ...
 /// is unreadable" before it reports anything (`manifest::list` fails on the first bad
 /// manifest), although checking that each manifest is readable is part of its job. The
 /// other backups and the WAL go unchecked, and `--json` prints nothing.
@@ -788,7 +788,7 @@ fn verify_finds_a_gap_in_timeline_2_that_timeline_1_and_the_partial_do_not_fill(
     assert_eq!(field(&gaps[0], "before"), segment_name(2, n + 1, segsize));
 }
 
-/// Bug: without `00000002.history` PostgreSQL cannot follow timeline 2 (recovery asks for
+/// Regression: without `00000002.history` PostgreSQL cannot follow timeline 2 (recovery asks for
 /// it and, not finding it, stays on timeline 1), and `walkeep restore` plans along
 /// timeline 1 without a word. But `verify` follows timeline 2 as a lone timeline, finds its
 /// segments contiguous and calls the repository whole.
@@ -973,7 +973,7 @@ fn check_passes_on_a_cluster_that_archives_into_the_repository() {
     assert!(object_path(&source.repo, segment).is_file(), "{segment}");
 }
 
-/// Bug: `walkeep check` names the segment it switched with the timeline of the last
+/// Regression: `walkeep check` names the segment it switched with the timeline of the last
 /// checkpoint (`pg_control_checkpoint()`), which after a standby's promotion stays the old
 /// one until the first checkpoint on the new timeline completes: PostgreSQL promotes a
 /// standby without waiting for one, and that checkpoint is spread. So right after a
@@ -1046,7 +1046,7 @@ fn check_fails_naming_archive_mode_when_archiving_is_off() {
     assert_eq!(verdicts["end to end"].0, "fail", "{verdicts:?}");
 }
 
-/// Bug: with `archive_mode = off`, PostgreSQL shows `archive_command` as "(disabled)"
+/// Regression: with `archive_mode = off`, PostgreSQL shows `archive_command` as "(disabled)"
 /// (its show hook), and `walkeep check` reads it with `current_setting`, so it fails a
 /// correct `archive_command` with "\"(disabled)\" does not call walkeep-archive" and
 /// sends the operator to fix the wrong setting. The configured value is in
@@ -1257,7 +1257,40 @@ fn expire_keeps_the_newest_backups_and_their_wal_as_its_dry_run_says() {
     let listed: BTreeSet<String> = strings(&dry["expired_wal"]).into_iter().collect();
     assert_eq!(listed, old_wal);
 
-    let done = expire_keep_2(&source.repo, &[]);
+    // A backup in progress holds the backup lock: expire waits for it, touching nothing.
+    let lock_path = source.repo.join("locks/backup.lock");
+    let backup_lock = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .unwrap();
+    fix_ownership(&lock_path);
+    fs2::FileExt::lock_exclusive(&backup_lock).unwrap();
+    let mut waiting = walkeep("expire", &source.repo)
+        .args(["--keep", "2", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "expire ran while a backup held the backup lock"
+    );
+    assert_eq!(
+        content(&source.repo),
+        before,
+        "expire changed the repository while a backup held the lock"
+    );
+    fs2::FileExt::unlock(&backup_lock).unwrap();
+    let output = waiting.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "expire failed\n{}",
+        text(&output.stderr)
+    );
+    let done: Value = serde_json::from_slice(&output.stdout).unwrap();
     for key in [
         "kept_backups",
         "expired_backups",
