@@ -748,6 +748,64 @@ fn info_lists_two_windows_where_a_gap_parts_two_backups() {
     );
 }
 
+/// A restore killed before it completes leaves a directory PostgreSQL refuses to start
+/// (pg_control comes last), which a second restore refuses to overwrite unless forced, and
+/// then completes.
+#[test]
+fn killed_restore_leaves_a_directory_postgresql_refuses_to_start() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    source.create_items();
+    source.commit_phase(0);
+    source.backup();
+    source.commit_phase(1);
+    source.switch_and_archive();
+    let expected = source.items_state();
+
+    let to = scratch.path().join("restored");
+    let mut child = walkeep("restore", &source.repo)
+        .arg("--to")
+        .arg(&to)
+        .args(["--target-action", "promote"])
+        .env("WALKEEP_TEST_FAULT", "stall-before-control")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !to.join("PG_VERSION").exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended early"
+        );
+        assert!(Instant::now() < deadline, "the restore wrote nothing");
+        thread::sleep(Duration::from_millis(20));
+    }
+    // Long enough to reach the stall point; killed earlier, the outcome must be the same.
+    thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!to.join("global/pg_control").exists());
+
+    let mut half = Cluster::from_existing(&scratch, &to);
+    let refused = half.try_start();
+    assert!(
+        refused.is_err(),
+        "PostgreSQL started a half-restored directory"
+    );
+    drop(half);
+
+    let output = source.restore(&to, &["--target-action", "promote"]);
+    assert_refused(&output, "a restore over the killed one", &["--force"]);
+    let output = source.restore(&to, &["--target-action", "promote", "--force"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut restored = Cluster::from_existing(&scratch, &to);
+    restored.append_conf(&["archive_mode = off"]);
+    restored.start();
+    wait_for_promotion(&restored);
+    assert_eq!(restored.psql(ITEMS_STATE_SQL), expected);
+}
+
 /// A bare local time means different instants on different machines.
 #[test]
 fn bare_local_target_time_is_refused_with_a_hint_about_the_offset() {
