@@ -32,6 +32,18 @@ fn walkeep(name: &str, config: &Path) -> Command {
     walkeep_command(name, config)
 }
 
+/// Asserts that an archive call failed as PostgreSQL retries it: a status of 1 to 125,
+/// not death by a signal.
+fn expect_archive_failure(output: &Output, what: &str) {
+    let status = output.status.code();
+    assert!(
+        status.is_some_and(|s| (1..=125).contains(&s)),
+        "{what}: {:?}\n{}",
+        output.status,
+        stderr(output)
+    );
+}
+
 fn stderr(output: &Output) -> String {
     stderr_text(output)
 }
@@ -395,15 +407,7 @@ fn server_stopped_mid_archive_fails_and_the_retry_succeeds() {
     std::thread::sleep(Duration::from_millis(1500));
     server.stop();
     let output = child.wait_with_output().unwrap();
-    let status = output
-        .status
-        .code()
-        .expect("exited, not killed by a signal");
-    assert!(
-        (1..=125).contains(&status),
-        "status {status}: {}",
-        stderr(&output)
-    );
+    expect_archive_failure(&output, "archive with the server stopped");
 
     // An unreachable repository is not an absent file: recovery must stop, not promote.
     let dest = scratch.dir("while-down").join(name);
@@ -446,14 +450,9 @@ fn server_stopped_mid_archive_fails_and_the_retry_succeeds() {
         !stderr(&output).contains("not-the-secret"),
         "a credential was logged"
     );
-    let output = archive(&wrong, &path, name);
-    let status = output
-        .status
-        .code()
-        .expect("exited, not killed by a signal");
-    assert!(
-        (1..=125).contains(&status),
-        "archive with a wrong secret key: {status}"
+    expect_archive_failure(
+        &archive(&wrong, &path, name),
+        "archive with a wrong secret key",
     );
 }
 
