@@ -22,7 +22,8 @@ use walkeep::{logging, repo::Repository};
     after_help = "Exit status: 0 with the complete, verified file at the destination; 1 only \
                   when the repository holds no such file (PostgreSQL asks for files past the \
                   end of the archive, and for .history files, as a matter of course); 200 for \
-                  anything else - a corrupt object, an unreadable repository, a bad argument - \
+                  anything else - a corrupt object, an unreadable repository, a segment that \
+                  walkeep expire deleted, a bad argument - \
                   which makes PostgreSQL stop recovery with FATAL instead of promoting early. \
                   With --on-error absent, errors exit 1 instead on a standby (standby.signal \
                   in the data directory, the working directory of restore_command), which \

@@ -7,24 +7,76 @@
 //! goes: nothing a kept backup or the kept recovery window needs. History files stay (they
 //! are tiny and every later timeline's history depends on them).
 //!
+//! Before deleting WAL, expiry records its *horizon* (`catalog/wal-horizon.json`): the
+//! segment number below which WAL is gone. `walkeep-restore` reports a segment below it as
+//! expired, a fatal error, never as absent: a recovery still replaying from an expired
+//! backup must stop, not end early and promote.
+//!
 //! Expiry holds the repository's backup lock (no backup runs meanwhile) and the expire lock
 //! exclusively (restore and verify hold it shared). Archivers need no lock: they only add
-//! segments newer than anything expire removes. Known shortcoming: `walkeep-restore`, one
-//! process per file, holds no lock, so a recovery replaying WAL from a backup that expiry
-//! removes can find its next segment gone and stop. A manifest is deleted before its files, so
+//! segments newer than anything expire removes. `walkeep-restore`, one process per file,
+//! holds no lock: a recovery replaying from a backup that expiry removes stops at the
+//! horizon. A manifest is deleted before its files, so
 //! an interrupted expiry leaves at worst the files of an invisible backup, which the next
 //! backup or expiry removes.
 
 use std::collections::BTreeSet;
 
-use anyhow::{bail, Result};
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Duration, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, WalRecord};
 use crate::manifest::{self, Manifest};
 use crate::repo::{self, Repository};
-use crate::wal::WalFileName;
+use crate::storage::Commit;
+use crate::wal::{SegmentName, WalFileName};
+
+/// Key of the expiry horizon.
+pub const HORIZON_KEY: &str = "catalog/wal-horizon.json";
+
+/// Where expiry has deleted WAL up to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Horizon {
+    /// Segment number (timeline aside) below which WAL files were deleted.
+    pub below_segno: u64,
+    /// The segment that number starts, as its name on the kept backup's timeline.
+    pub below: String,
+    /// When the horizon was last raised.
+    pub raised_at: DateTime<Utc>,
+}
+
+/// The expiry horizon, if WAL was ever expired.
+pub fn horizon(repo: &Repository) -> Result<Option<Horizon>> {
+    let Some(reader) = repo.storage().open(HORIZON_KEY)? else {
+        return Ok(None);
+    };
+    let horizon = serde_json::from_reader(std::io::BufReader::new(reader))
+        .with_context(|| format!("{HORIZON_KEY} is unreadable"))?;
+    Ok(Some(horizon))
+}
+
+/// Raises the horizon to the segment `below` starts, durably; never lowers it.
+fn raise_horizon(repo: &Repository, below: &str) -> Result<()> {
+    let segment: SegmentName = below.parse()?;
+    let below_segno = segment.segno(repo.segment_size())?;
+    if horizon(repo)?.is_some_and(|h| h.below_segno >= below_segno) {
+        return Ok(());
+    }
+    let record = Horizon {
+        below_segno,
+        below: below.to_string(),
+        raised_at: Utc::now(),
+    };
+    let mut writer = repo.storage().create(HORIZON_KEY, Commit::Replace)?;
+    writer
+        .write_all(&serde_json::to_vec(&record)?)
+        .with_context(|| format!("failed to write {HORIZON_KEY}"))?;
+    writer.commit()?;
+    Ok(())
+}
 
 /// How much to keep.
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,6 +197,9 @@ pub fn run(repo: &Repository, policy: Policy, dry_run: bool) -> Result<ExpirePla
         storage.delete(&manifest::manifest_key(id))?;
         storage.delete_prefix(&format!("backups/{id}/"))?;
         tracing::info!("expired backup {id}");
+    }
+    if let (Some(below), false) = (&plan.wal_cutoff, plan.expired_wal.is_empty()) {
+        raise_horizon(repo, below)?;
     }
     let mut expired_names = BTreeSet::new();
     for key in &plan.expired_wal {

@@ -15,9 +15,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::durable::{self, TempFile};
+use crate::expire;
 use crate::object::{self, ObjectMeta};
 use crate::repo::{self, Repository};
 use crate::storage::ObjectRead;
@@ -49,15 +50,34 @@ pub struct Found {
 }
 
 /// Opens WAL file `name` in the repository; `None` if and only if the repository is
-/// readable and holds no such file.
+/// readable and holds no such file, and `walkeep expire` did not delete it (a file below
+/// the expiry horizon is an error: the recovery asking for it cannot be completed).
 pub fn find(repo: &Repository, name: &str) -> Result<Option<Found>> {
     let wal_name: WalFileName = name.parse()?;
     let key = repo::wal_key(&wal_name);
-    Ok(repo.storage().open(&key)?.map(|reader| Found {
-        name: wal_name,
-        key,
-        reader,
-    }))
+    if let Some(reader) = repo.storage().open(&key)? {
+        return Ok(Some(Found {
+            name: wal_name,
+            key,
+            reader,
+        }));
+    }
+    if let WalFileName::Segment(s) | WalFileName::Partial(s) | WalFileName::BackupHistory(s, _) =
+        &wal_name
+    {
+        if let Some(horizon) = expire::horizon(repo)? {
+            if s.segno(repo.segment_size())? < horizon.below_segno {
+                bail!(
+                    "{name} was deleted by walkeep expire ({}: WAL before {} is gone); \
+                     this recovery started from an expired backup and cannot go on: restore \
+                     from a retained backup",
+                    horizon.raised_at,
+                    horizon.below
+                );
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Restores a found file to `dest`, with the guarantees of [`restore_file`].

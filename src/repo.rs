@@ -12,10 +12,11 @@
 //! wal/TTTTTTTTXXXXXXXX/<segment>.zst      segments, .partial and .backup files, grouped
 //!                                         by timeline and log (256 per folder at 16 MiB)
 //! wal/history/TTTTTTTT.history.zst        timeline history files
-//! backups/<id>/manifest.json              a base backup; present only once it is complete
+//! manifests/<id>.json                     a base backup; present only once it is complete
 //! backups/<id>/data/<path>.zst            its files, relative to the data directory
 //! catalog/wal.jsonl                       one JSON record per archived file (rebuildable)
 //! catalog/restore-points.jsonl            named restore points made by `walkeep mark`
+//! catalog/wal-horizon.json                where `walkeep expire` deleted WAL up to
 //! locks/                                  advisory locks
 //! ```
 

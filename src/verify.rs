@@ -240,6 +240,7 @@ fn is_metadata_key(key: &str) -> bool {
         || (key.starts_with("manifests/") && key.ends_with(".json"))
         || (key.starts_with("catalog/") && key.ends_with(".jsonl"))
         || key.starts_with("locks/")
+        || key == crate::expire::HORIZON_KEY
 }
 
 /// Decompresses and checks one object; returns its original size or what is wrong.

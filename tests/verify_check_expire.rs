@@ -1313,9 +1313,11 @@ fn expire_keeps_the_newest_backups_and_their_wal_as_its_dry_run_says() {
     expected_gone.extend(old_backup.iter().cloned());
     expected_gone.insert(format!("manifests/{}.json", ids[0]));
     assert_eq!(gone, expected_gone, "expire deleted something else");
-    assert!(
-        after.keys().all(|key| before.contains_key(key)),
-        "expire added files"
+    let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert_eq!(
+        added,
+        ["catalog/wal-horizon.json"],
+        "expire should add its horizon and nothing else"
     );
     let freed: u64 = gone
         .iter()
@@ -1335,6 +1337,26 @@ fn expire_keeps_the_newest_backups_and_their_wal_as_its_dry_run_says() {
     let (whole, report) = verify(&source.repo);
     assert_whole(whole, &report, "after expire");
     assert_eq!(array(&report["backups"]).len(), 2, "{report:#}");
+
+    // A recovery still asking for expired WAL stops (fatal), never reads it as absent; a
+    // segment past the end of the archive is absent as ever.
+    let expired = old_wal
+        .iter()
+        .map(|key| key.rsplit('/').next().unwrap().trim_end_matches(".zst"))
+        .find(|name| name.len() == 24)
+        .unwrap()
+        .to_string();
+    let dest = scratch.dir("late-recovery").join("RECOVERYXLOG");
+    let output = run(&mut walkeep_restore(&source.repo, &expired, &dest));
+    assert_eq!(output.status.code(), Some(200), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("walkeep expire"));
+    assert!(!dest.exists());
+    let output = run(&mut walkeep_restore(
+        &source.repo,
+        "0000000100000000000000FE",
+        &dest,
+    ));
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
 
     // A time between the second and third backups is reached from the second.
     let restored = restore_and_promote(&scratch, &source.repo, "pitr", &["--target-time", &target]);
