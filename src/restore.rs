@@ -154,7 +154,19 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
     let backup = &plan.backup;
     let tablespace_dirs = tablespace_targets(backup, options)?;
     prepare_directory(&options.to, options.force)?;
-    for dir in tablespace_dirs.values() {
+    for (oid, dir) in &tablespace_dirs {
+        // Unmapped, a tablespace goes back where the backed-up cluster kept it, which may
+        // be that very cluster's, in use: --force empties only directories named here.
+        let mapped = options.tablespace_mapping.values().any(|d| d == dir);
+        let in_use = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+        if in_use && options.force && !mapped {
+            bail!(
+                "tablespace {oid} would be restored into {}, which is not empty and may be \
+                 a running cluster's; --force empties only tablespace directories given \
+                 with --tablespace-mapping OLD=NEW",
+                dir.display()
+            );
+        }
         prepare_directory(dir, options.force)?;
     }
     tracing::info!(
@@ -172,6 +184,11 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
             .with_context(|| format!("failed to create {}", path.display()))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(dir.mode & 0o7777 | 0o700))?;
     }
+    // Opened before the first write: syncfs reports a writeback error only to handles
+    // opened before it happened (Linux 5.8 and later; earlier kernels report none).
+    let filesystems =
+        FilesystemSync::open(std::iter::once(&options.to).chain(tablespace_dirs.values()))?;
+
     // pg_control last: without it PostgreSQL refuses to start, so a directory whose
     // restore was cut short cannot be started by mistake.
     let (control, files): (Vec<FileEntry>, Vec<FileEntry>) = backup
@@ -187,10 +204,10 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
         Ok(Some(()))
     })?;
     bar.finish_and_clear();
-    sync_filesystems(std::iter::once(&options.to).chain(tablespace_dirs.values()))?;
-    crate::exit::stall("stall-before-control");
+    filesystems.sync()?;
 
     write_recovery_files(&plan, options, &tablespace_dirs)?;
+    crate::exit::stall("stall-before-control");
     for entry in &control {
         let path = options.to.join(&entry.path);
         restore_one(repo, backup, entry, &path)?;
@@ -316,20 +333,34 @@ fn restore_one(repo: &Repository, backup: &Manifest, entry: &FileEntry, path: &P
     temp.publish_replace_unsynced(path)
 }
 
-/// Flushes every filesystem that holds one of `dirs` to stable storage, each once.
-fn sync_filesystems<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-    let mut synced = std::collections::BTreeSet::new();
-    for dir in dirs {
-        let handle =
-            fs::File::open(dir).with_context(|| format!("failed to open {}", dir.display()))?;
-        if synced.insert(handle.metadata()?.dev()) {
+/// One open directory on each filesystem a restore writes to, to sync them at the end.
+struct FilesystemSync(Vec<(PathBuf, fs::File)>);
+
+impl FilesystemSync {
+    /// Opens the first of `dirs` on each filesystem.
+    fn open<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<FilesystemSync> {
+        use std::os::unix::fs::MetadataExt;
+        let mut devices = std::collections::BTreeSet::new();
+        let mut handles = Vec::new();
+        for dir in dirs {
+            let handle =
+                fs::File::open(dir).with_context(|| format!("failed to open {}", dir.display()))?;
+            if devices.insert(handle.metadata()?.dev()) {
+                handles.push((dir.clone(), handle));
+            }
+        }
+        Ok(FilesystemSync(handles))
+    }
+
+    /// Flushes each filesystem to stable storage (`syncfs`).
+    fn sync(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        for (dir, handle) in &self.0 {
             nix::unistd::syncfs(handle.as_raw_fd())
                 .with_context(|| format!("failed to sync the filesystem of {}", dir.display()))?;
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Keys of `postgresql.auto.conf` that walkeep owns during a restore; earlier values (from

@@ -773,18 +773,22 @@ fn killed_restore_leaves_a_directory_postgresql_refuses_to_start() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !to.join("PG_VERSION").exists() {
+    // The riskiest moment: every file but pg_control in place, the backup label, the
+    // recovery settings and the signal file written.
+    while !to.join("recovery.signal").exists() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the restore ended early"
         );
-        assert!(Instant::now() < deadline, "the restore wrote nothing");
+        assert!(
+            Instant::now() < deadline,
+            "the restore never wrote its signal file"
+        );
         thread::sleep(Duration::from_millis(20));
     }
-    // Long enough to reach the stall point; killed earlier, the outcome must be the same.
-    thread::sleep(Duration::from_millis(1500));
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(to.join("backup_label").exists() && to.join("base").is_dir());
     assert!(!to.join("global/pg_control").exists());
 
     let mut half = Cluster::from_existing(&scratch, &to);
