@@ -537,27 +537,44 @@ impl S3Storage {
     }
 
     /// The leases under `locks/<name>/` other than `own` that are still live, as key names
-    /// (`x-...` or `s-...`). Ages are measured on the server's clock, against the time it
-    /// gave `own` (written just before), so a skewed local clock cannot make a live lease
-    /// look abandoned.
-    fn other_live_leases(&self, name: &str, own: &str) -> Result<Vec<String>> {
+    /// (`x-...` or `s-...`); `None` if the listing does not show `own` (written just
+    /// before), so that it cannot be trusted to show the others either. Ages are measured
+    /// on the server's clock, against the time it gave `own`, so a skewed local clock
+    /// cannot make a live lease look abandoned.
+    fn other_live_leases(&self, name: &str, own: &str) -> Result<Option<Vec<String>>> {
         let leases = self.inner.list(&format!("locks/{name}/"))?;
-        let server_now = leases
+        let Some(server_now) = leases
             .iter()
             .find(|m| m.location.filename() == Some(own))
-            .map_or_else(Utc::now, |m| m.last_modified);
-        Ok(leases
-            .into_iter()
-            .filter(|m| {
-                let age = server_now
-                    .signed_duration_since(m.last_modified)
-                    .to_std()
-                    .unwrap_or_default();
-                age < LEASE_STALE
-            })
-            .filter_map(|m| m.location.filename().map(str::to_string))
-            .filter(|l| l != own)
-            .collect())
+            .map(|m| m.last_modified)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            leases
+                .into_iter()
+                .filter(|m| {
+                    let age = server_now
+                        .signed_duration_since(m.last_modified)
+                        .to_std()
+                        .unwrap_or_default();
+                    age < LEASE_STALE
+                })
+                .filter_map(|m| m.location.filename().map(str::to_string))
+                .filter(|l| l != own)
+                .collect(),
+        ))
+    }
+
+    /// Deletes a lease of this process; a failure is logged (the lease then blocks others
+    /// until it is stale).
+    fn withdraw(&self, path: &Path) {
+        let inner = &self.inner;
+        if let Err(e) = inner.block(async { inner.store.delete(path).await }) {
+            if !not_found(&e) {
+                tracing::warn!("failed to withdraw lock lease {path}: {e}");
+            }
+        }
     }
 }
 
@@ -772,13 +789,19 @@ impl Storage for S3Storage {
         let mut attempt = 0;
         loop {
             self.put_lease(&path)?;
-            let others = self.other_live_leases(name, &own)?;
-            let conflict = others.iter().any(|l| exclusive || l.starts_with("x-"));
+            let others = match self.other_live_leases(name, &own) {
+                Ok(others) => others,
+                Err(e) => {
+                    self.withdraw(&path);
+                    return Err(e);
+                }
+            };
+            let conflict =
+                others.is_none_or(|others| others.iter().any(|l| exclusive || l.starts_with("x-")));
             if !conflict {
                 break;
             }
-            let inner = &self.inner;
-            let _ = inner.block(async { inner.store.delete(&path).await });
+            self.withdraw(&path);
             if attempt == 0 {
                 tracing::info!("waiting for lock {name} in {}", self.location());
             }
