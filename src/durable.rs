@@ -230,26 +230,30 @@ impl Drop for TempFile {
     }
 }
 
-/// How long a temporary file written from another host (or PID namespace) is left alone:
+/// How long a temporary file written from another host, PID namespace or boot is left alone:
 /// its writer's process cannot be looked up from here, and no single file takes this long.
 const FOREIGN_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
-/// This host's name, reduced to letters, digits and `-` (at most 32), ending every
-/// temporary name: a process id means something only on the host that issued it, and a
-/// repository on shared storage may be written from several (a primary and a standby with
-/// `archive_mode = always`, or containers with PID namespaces of their own).
+/// A tag for this host, PID namespace and boot, ending every temporary name: a process id
+/// means something only where and while it was issued, and a repository on shared storage
+/// may be written from several places (a primary and a standby with `archive_mode =
+/// always`, containers with PID namespaces of their own, pods sharing a host name). The
+/// tag is the first 48 bits of a SHA-256 of the full host name, the inode of
+/// `/proc/self/ns/pid` and the boot id.
 fn host_tag() -> &'static str {
     static TAG: OnceLock<String> = OnceLock::new();
     TAG.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::MetadataExt;
+        let mut hasher = Sha256::new();
         let host = nix::unistd::gethostname().unwrap_or_default();
-        let tag: String = host
-            .to_string_lossy()
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(32)
-            .collect();
+        hasher.update(host.as_encoded_bytes());
+        let namespace = fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino());
+        hasher.update(namespace.to_le_bytes());
+        let boot = fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        hasher.update(&boot);
         // The leading letter keeps the tag from ever reading as one of the numbers.
-        format!("h{tag}")
+        format!("h{}", hex::encode(&hasher.finalize()[..6]))
     })
 }
 
