@@ -6,7 +6,7 @@
 //! so the check ends by proving the path: it writes a WAL record, switches segments, and
 //! waits, bounded, until that segment is stored in the repository.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -102,7 +102,6 @@ fn shell_words(command: &str) -> Vec<String> {
     words
 }
 
-/// The repository `archive_command` names with `--repo`, if it does.
 /// The value of `flag` (`--flag VALUE` or `--flag=VALUE`) in a shell command line.
 fn flag_in_command(command: &str, flag: &str) -> Option<String> {
     let words = shell_words(command);
@@ -119,14 +118,23 @@ fn flag_in_command(command: &str, flag: &str) -> Option<String> {
 }
 
 /// Where `archive_command` stores, as far as can be told from here: its `--repo`, else
-/// the `repo` of the configuration file it names with `--config`, else of the default
-/// file. `Err` says why it cannot be told (the named file unreadable by this user).
-fn repo_of_command(command: &str, configured: Option<&str>) -> Result<Option<String>, String> {
+/// the `repo` of the configuration file it names with `--config` (relative to
+/// `data_directory`, where PostgreSQL runs the command), else of the default file. `Err`
+/// says why it cannot be told (the named file unreadable by this user).
+fn repo_of_command(
+    command: &str,
+    configured: Option<&str>,
+    data_directory: Option<&Path>,
+) -> Result<Option<String>, String> {
     if let Some(repo) = flag_in_command(command, "--repo") {
         return Ok(Some(repo));
     }
     if let Some(config) = flag_in_command(command, "--config") {
-        return match crate::config::FileConfig::load(Some(Path::new(&config))) {
+        let config = match data_directory {
+            Some(dir) => dir.join(config),
+            None => PathBuf::from(config),
+        };
+        return match crate::config::FileConfig::load(Some(&config)) {
             Ok(file) => Ok(file.repo),
             Err(e) => Err(format!("{e:#}")),
         };
@@ -195,7 +203,14 @@ pub async fn run(
             format!("{command:?} does not call walkeep-archive"),
         );
     } else {
-        match repo_of_command(&command, configured_repo) {
+        // Readable by superusers and pg_read_all_settings only; without it a relative
+        // --config is read from here.
+        let data_directory = setting(&client, "data_directory").await.ok();
+        match repo_of_command(
+            &command,
+            configured_repo,
+            data_directory.as_deref().map(Path::new),
+        ) {
             Ok(Some(named)) if same_location(&named, location) => {
                 report.push("archive_command", "ok", command.clone());
             }
@@ -349,21 +364,30 @@ mod tests {
         std::fs::write(&config, "repo = \"/srv/elsewhere\"\n").unwrap();
         let command = format!("walkeep-archive --config {} %p %f", config.display());
         assert_eq!(
-            repo_of_command(&command, Some("/srv/mine")),
+            repo_of_command(&command, Some("/srv/mine"), None),
             Ok(Some("/srv/elsewhere".to_string()))
         );
         let command = format!("walkeep-archive --config={} %p %f", config.display());
         assert_eq!(
-            repo_of_command(&command, None),
+            repo_of_command(&command, None, Some(Path::new("/elsewhere"))),
             Ok(Some("/srv/elsewhere".to_string()))
         );
         let missing = "walkeep-archive --config /nonexistent/walkeep.toml %p %f";
-        assert!(repo_of_command(missing, Some("/srv/mine")).is_err());
+        assert!(repo_of_command(missing, Some("/srv/mine"), None).is_err());
         // --repo wins over --config, as in walkeep-archive.
         let both = format!(
             "walkeep-archive --config {} --repo /r %p %f",
             config.display()
         );
-        assert_eq!(repo_of_command(&both, None), Ok(Some("/r".to_string())));
+        assert_eq!(
+            repo_of_command(&both, None, None),
+            Ok(Some("/r".to_string()))
+        );
+        // A relative --config is found where PostgreSQL runs the command.
+        let relative = "walkeep-archive --config walkeep.toml %p %f";
+        assert_eq!(
+            repo_of_command(relative, None, Some(dir.path())),
+            Ok(Some("/srv/elsewhere".to_string()))
+        );
     }
 }
