@@ -353,15 +353,16 @@ pgdata = \"$PGDATA_DIR\"
 "
 [ -z "$CONNINFO" ] || config_text+="conninfo = \"$CONNINFO\"
 "
-# Everything else an operator added (spool_dir, [s3] and its credentials, ...) is kept,
-# after the keys above: top-level keys must come before any table.
+# Everything else an operator added (spool_dir, [s3] and its credentials, a conninfo when
+# none is given here, ...) is kept, after the keys above: top-level keys must come before
+# any table.
 if [ -f "$CONFIG" ]; then
-    kept=$(grep -v -E '^[[:space:]]*(repo|pgdata|conninfo)[[:space:]]*=' "$CONFIG" \
-        | grep -v -x -F \
-            -e "# walkeep settings, written by walkeep's scripts/install.sh. Read by walkeep," \
-            -e "# walkeep-restore and walkeep-archive (PostgreSQL's archive_command names this file)." \
-            -e "# A command-line option or a WALKEEP_* variable wins over a setting here." \
-        || true)
+    [ -r "$CONFIG" ] || die "cannot read $CONFIG, whose settings a rerun must keep"
+    ours='repo|pgdata'
+    [ -z "$CONNINFO" ] || ours+='|conninfo'
+    header=$(printf '%s\n' "$config_text" | grep '^#')
+    kept=$(grep -v -E "^[[:space:]]*($ours)[[:space:]]*=" "$CONFIG" \
+        | grep -v -x -F "$header") || true
     [ -z "$kept" ] || config_text+="$kept
 "
 fi
