@@ -152,9 +152,17 @@ impl Offer<'_> {
 
     /// Catalogs a newly stored object.
     fn record(&self, meta: ObjectMeta) -> Result<Archived> {
-        let stored_size = self.repo.storage().size(&self.key)?.unwrap_or(0);
+        let stored_size = self.stored_size()?;
         catalog::append(self.repo, &WalRecord::new(&self.name, &meta, stored_size))?;
         Ok(Archived::Stored { meta, stored_size })
+    }
+
+    /// The size of the stored object, which must exist.
+    fn stored_size(&self) -> Result<u64> {
+        self.repo
+            .storage()
+            .size(&self.key)?
+            .with_context(|| format!("{} vanished after it was stored", self.key))
     }
 
     fn conflict(&self, stored: String, offered: String) -> anyhow::Error {
@@ -193,7 +201,7 @@ impl Offer<'_> {
                 storage.sync(key)?;
                 // Its archiver may have died between storing and cataloging it; readers
                 // fold a repeated record away.
-                let stored_size = storage.size(key)?.unwrap_or(0);
+                let stored_size = self.stored_size()?;
                 catalog::append(self.repo, &WalRecord::new(&self.name, &meta, stored_size))?;
                 return Ok(Archived::AlreadyStored { meta });
             }
