@@ -43,7 +43,7 @@ enum Command {
     Backup(BackupArgs),
     /// Restore a base backup into a new data directory, set up for point-in-time recovery.
     Restore(RestoreArgs),
-    /// List backups and the recovery window of each timeline.
+    /// List backups and the recovery windows of each timeline.
     Info {
         #[command(flatten)]
         repo: RepoArgs,

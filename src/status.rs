@@ -75,7 +75,7 @@ pub struct Status {
     pub last_backup: Option<LastBackup>,
     /// Number of complete backups.
     pub backup_count: usize,
-    /// The recovery window per timeline.
+    /// The recovery windows of each timeline, one per range no gap interrupts.
     pub recovery_windows: Vec<Window>,
 }
 
@@ -241,8 +241,9 @@ pub fn openmetrics(status: &Status) -> String {
             a.failed_count
         );
     }
-    // One series per timeline: the window that reaches the end of its archive (earlier
-    // ones, cut off by a gap, are in the human and JSON output).
+    // One series per timeline: its last window, which ends where the timeline's archive
+    // ends or at its first gap after the newest backup (earlier windows, cut off by a gap,
+    // are in the human and JSON output).
     let mut current: BTreeMap<u32, &Window> = BTreeMap::new();
     for w in &status.recovery_windows {
         current.insert(w.timeline, w);
@@ -250,7 +251,8 @@ pub fn openmetrics(status: &Status) -> String {
     if !current.is_empty() {
         out.push_str("# TYPE walkeep_recovery_window_start_timestamp_seconds gauge\n");
         out.push_str(
-            "# HELP walkeep_recovery_window_start_timestamp_seconds Earliest restorable moment.\n",
+            "# HELP walkeep_recovery_window_start_timestamp_seconds Earliest moment of the last \
+             continuous recovery window.\n",
         );
         for w in current.values() {
             let _ = writeln!(
