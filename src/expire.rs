@@ -16,12 +16,10 @@
 //! exclusively (restore and verify hold it shared). Archivers need no lock: they only add
 //! segments newer than anything expire removes. `walkeep-restore`, one process per file,
 //! holds no lock: a recovery replaying from a backup that expiry removes stops at the
-//! horizon. A manifest is deleted before its files, so
-//! an interrupted expiry leaves at worst the files of an invisible backup, which the next
-//! backup or expiry removes.
+//! horizon. A manifest is deleted before its files, so an interrupted expiry leaves at
+//! worst the files of an invisible backup, which the next backup or expiry removes.
 
 use std::collections::BTreeSet;
-
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};

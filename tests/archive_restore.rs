@@ -238,6 +238,16 @@ fn offer(scratch: &Scratch, dir: &str, file_name: &str, bytes: &[u8]) -> PathBuf
     path
 }
 
+/// A new repository in a scratch directory, holding segment 0 of the fixture: the
+/// repository, the segment's name and bytes, and where it was offered from.
+fn archived_first_segment(scratch: &Scratch) -> (PathBuf, &'static str, &'static [u8], PathBuf) {
+    let repo = init_repo(scratch);
+    let (name, bytes) = fixture().segment(0);
+    let path = offer(scratch, "pg_wal", name, bytes);
+    expect_status(&archive(&repo, &path, name), 0, "first archive");
+    (repo, name, bytes, path)
+}
+
 // ---------------------------------------------------------------------------------------
 // Looking at a repository
 // ---------------------------------------------------------------------------------------
@@ -462,13 +472,8 @@ fn every_segment_the_server_reports_archived_restores_byte_identical() {
 
 #[test]
 fn identical_rearchive_succeeds_without_rewriting_and_different_content_is_refused() {
-    let fx = fixture();
     let scratch = Scratch::new();
-    let repo = init_repo(&scratch);
-    let (name, bytes) = fx.segment(0);
-    let path = offer(&scratch, "pg_wal", name, bytes);
-
-    expect_status(&archive(&repo, &path, name), 0, "first archive");
+    let (repo, name, bytes, path) = archived_first_segment(&scratch);
     let object = object_path(&repo, name);
     let stored = fs::read(&object).unwrap();
     let before = fs::metadata(&object).unwrap();
@@ -508,12 +513,8 @@ fn identical_rearchive_succeeds_without_rewriting_and_different_content_is_refus
 /// catalog it then.
 #[test]
 fn rearchive_catalogs_a_segment_whose_first_archiver_died_before_cataloging() {
-    let fx = fixture();
     let scratch = Scratch::new();
-    let repo = init_repo(&scratch);
-    let (name, bytes) = fx.segment(0);
-    let path = offer(&scratch, "pg_wal", name, bytes);
-    expect_status(&archive(&repo, &path, name), 0, "first archive");
+    let (repo, name, _, path) = archived_first_segment(&scratch);
     let catalog = repo.join("catalog/wal.jsonl");
     assert!(fs::read_to_string(&catalog).unwrap().contains(name));
 
@@ -1146,12 +1147,8 @@ fn catalog_rebuild_skips_a_damaged_object_and_fails_loudly() {
 
 #[test]
 fn restore_removes_a_temp_file_left_in_pg_wal_by_a_killed_restore() {
-    let fx = fixture();
     let scratch = Scratch::new();
-    let repo = init_repo(&scratch);
-    let (name, bytes) = fx.segment(0);
-    let path = offer(&scratch, "pg_wal", name, bytes);
-    expect_status(&archive(&repo, &path, name), 0, "archive");
+    let (repo, name, bytes, _) = archived_first_segment(&scratch);
 
     // What a restore stopped by SIGTERM at shutdown leaves: its temporary file, named with
     // its process id (one above the kernel's limit, so surely not alive).
@@ -1172,12 +1169,8 @@ fn restore_removes_a_temp_file_left_in_pg_wal_by_a_killed_restore() {
 
 #[test]
 fn rearchiving_identical_bytes_repairs_a_corrupt_stored_copy() {
-    let fx = fixture();
     let scratch = Scratch::new();
-    let repo = init_repo(&scratch);
-    let (name, bytes) = fx.segment(0);
-    let path = offer(&scratch, "pg_wal", name, bytes);
-    expect_status(&archive(&repo, &path, name), 0, "archive");
+    let (repo, name, bytes, path) = archived_first_segment(&scratch);
 
     let object = object_path(&repo, name);
     let mut stored = fs::read(&object).unwrap();

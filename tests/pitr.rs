@@ -146,6 +146,18 @@ impl Source {
     }
 
     /// Commits phase `n`: 500 rows of `items` with ids `n*1000+1` up, tagged `p<n>`.
+    /// A source with the items table, phase 0 committed and backed up, then phase 1
+    /// committed and its segment archived.
+    fn backed_up_then_one_phase(scratch: &Scratch) -> Source {
+        let source = Source::start(scratch, "source");
+        source.create_items();
+        source.commit_phase(0);
+        source.backup();
+        source.commit_phase(1);
+        source.switch_and_archive();
+        source
+    }
+
     fn commit_phase(&self, n: u32) {
         self.cluster.psql(&phase_insert(n));
     }
@@ -517,12 +529,7 @@ fn inside_window(backup: &Backup) -> String {
 #[test]
 fn targets_past_the_end_of_the_archive_are_refused_up_front() {
     let scratch = Scratch::new();
-    let source = Source::start(&scratch, "source");
-    source.create_items();
-    source.commit_phase(0);
-    source.backup();
-    source.commit_phase(1);
-    source.switch_and_archive();
+    let source = Source::backed_up_then_one_phase(&scratch);
 
     // The position the server writes at now lies in a segment not archived yet.
     let current_lsn = source.cluster.psql("SELECT pg_current_wal_lsn()");
@@ -754,12 +761,7 @@ fn info_lists_two_windows_where_a_gap_parts_two_backups() {
 #[test]
 fn killed_restore_leaves_a_directory_postgresql_refuses_to_start() {
     let scratch = Scratch::new();
-    let source = Source::start(&scratch, "source");
-    source.create_items();
-    source.commit_phase(0);
-    source.backup();
-    source.commit_phase(1);
-    source.switch_and_archive();
+    let source = Source::backed_up_then_one_phase(&scratch);
     let expected = source.items_state();
 
     let to = scratch.path().join("restored");
