@@ -447,7 +447,8 @@ fn print_verify(report: &verify::Report, json: bool) -> Result<()> {
             format!("{first} to {last}")
         };
         println!(
-            "GAP      timeline {}: {range} missing ({} segments) between {} and {}; replay stops at {}",
+            "GAP      timeline {}: {range} missing ({} segments) between {} and {}; \
+             replay stops at {}",
             gap.timeline,
             gap.missing.len(),
             gap.after,

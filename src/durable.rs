@@ -230,6 +230,15 @@ impl Drop for TempFile {
     }
 }
 
+/// This boot's identity (`/proc/sys/kernel/random/boot_id`), `None` where unreadable. A
+/// file written without fsync is what was written only until the machine restarts.
+pub fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
 /// How long a temporary file written from another host, PID namespace or boot is left alone:
 /// its writer's process cannot be looked up from here, and no single file takes this long.
 const FOREIGN_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
@@ -250,8 +259,7 @@ fn host_tag() -> &'static str {
         hasher.update(host.as_encoded_bytes());
         let namespace = fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino());
         hasher.update(namespace.to_le_bytes());
-        let boot = fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        hasher.update(&boot);
+        hasher.update(boot_id().unwrap_or_default());
         // The leading letter keeps the tag from ever reading as one of the numbers.
         format!("h{}", hex::encode(&hasher.finalize()[..6]))
     })

@@ -146,7 +146,7 @@ fn verified_path(path: &Path) -> PathBuf {
 /// Records that the spooled file at `path` was verified, as it is now. Not synced: a
 /// record lost or torn only costs the next call a hash.
 fn record_verified(path: &Path) -> Result<()> {
-    let Some(boot_id) = spool::boot_id() else {
+    let Some(boot_id) = durable::boot_id() else {
         return Ok(());
     };
     let stamp =
@@ -167,7 +167,7 @@ fn verified_unchanged(path: &Path, file: &File) -> bool {
     };
     let now = file.metadata().map(|m| Stamp::of(&m));
     now.is_ok_and(|now| now == recorded.stamp)
-        && spool::boot_id().is_some_and(|id| id == recorded.boot_id)
+        && durable::boot_id().is_some_and(|id| id == recorded.boot_id)
 }
 
 /// How a call ended.

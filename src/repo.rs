@@ -223,7 +223,8 @@ impl Repository {
                 if !repo.identity.same_cluster(&identity) {
                     bail!(
                         "repository {} already belongs to another cluster: system identifier {}, \
-                         PostgreSQL {}; the data directory {} is system identifier {}, PostgreSQL {}",
+                         PostgreSQL {}; the data directory {} is system identifier {}, \
+                         PostgreSQL {}",
                         repo.storage.location(),
                         repo.identity.system_identifier,
                         repo.identity.pg_major_version,

@@ -199,7 +199,8 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
     let bar = progress_bar(backup.size, options.progress);
     parallel::map(files, options.jobs, |entry| {
         let path = destination(&options.to, &tablespace_dirs, &entry.path);
-        restore_one(repo, backup, &entry, &path)?;
+        // Synced with the rest of the filesystem once every file is in place.
+        restore_one(repo, backup, &entry, &path)?.publish_replace_unsynced(&path)?;
         bar.inc(entry.size);
         Ok(Some(()))
     })?;
@@ -210,11 +211,7 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
     crate::exit::stall("stall-before-control");
     for entry in &control {
         let path = options.to.join(&entry.path);
-        restore_one(repo, backup, entry, &path)?;
-        let file = fs::File::open(&path)?;
-        file.sync_all()
-            .with_context(|| format!("failed to fsync {}", path.display()))?;
-        durable::fsync_dir(path.parent().context("file without a directory")?)?;
+        restore_one(repo, backup, entry, &path)?.publish_replace(&path)?;
     }
     durable::fsync_dir(&options.to)?;
     Ok(plan)
@@ -304,7 +301,14 @@ fn running_postmaster(dir: &Path) -> Option<i32> {
     (pid > 0 && alive).then_some(pid)
 }
 
-fn restore_one(repo: &Repository, backup: &Manifest, entry: &FileEntry, path: &Path) -> Result<()> {
+/// Decompresses `entry` of `backup` into a temporary file beside `path`, checked against
+/// the manifest and with the file's mode; the caller publishes it.
+fn restore_one(
+    repo: &Repository,
+    backup: &Manifest,
+    entry: &FileEntry,
+    path: &Path,
+) -> Result<TempFile> {
     let key = manifest::file_key(&backup.id, &entry.path);
     let reader = repo.storage().open(&key)?.with_context(|| {
         format!(
@@ -318,7 +322,8 @@ fn restore_one(repo: &Repository, backup: &Manifest, entry: &FileEntry, path: &P
     let meta = object::decode(reader, &key, &mut temp)?;
     if meta.sha256 != entry.sha256 || meta.size != entry.size {
         bail!(
-            "backup {} is damaged: {} holds SHA-256 {} ({} bytes), the manifest records {} ({} bytes)",
+            "backup {} is damaged: {} holds SHA-256 {} ({} bytes), the manifest records {} \
+             ({} bytes)",
             backup.id,
             entry.path,
             meta.sha256,
@@ -329,8 +334,7 @@ fn restore_one(repo: &Repository, backup: &Manifest, entry: &FileEntry, path: &P
     }
     temp.file()
         .set_permissions(fs::Permissions::from_mode(entry.mode & 0o7777))?;
-    // Synced with the rest of the filesystem once every file is in place.
-    temp.publish_replace_unsynced(path)
+    Ok(temp)
 }
 
 /// One open directory on each filesystem a restore writes to, to sync them at the end.

@@ -74,15 +74,6 @@ impl Stamp {
     }
 }
 
-/// This boot's identity (`/proc/sys/kernel/random/boot_id`), `None` where unreadable. A
-/// file written without fsync is what was written only until the machine restarts.
-pub fn boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| id.trim().to_string())
-        .filter(|id| !id.is_empty())
-}
-
 /// The spool area of one repository and one WAL directory.
 #[derive(Debug, Clone)]
 pub struct Spool {

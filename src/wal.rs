@@ -5,7 +5,7 @@
 //! | kind | example |
 //! |---|---|
 //! | segment | `000000010000000A000000FF` |
-//! | partial segment (end of an old timeline after promotion) | `000000010000000A000000FF.partial` |
+//! | partial segment (an old timeline's end) | `000000010000000A000000FF.partial` |
 //! | timeline history | `00000002.history` |
 //! | backup history | `000000010000000A000000FF.00000028.backup` |
 //!

@@ -1224,7 +1224,8 @@ fn compose_archives_with_the_snippets_settings_into_the_repository_volume() {
     );
     assert!(!db["build"].is_badvalue() && db["build"] == backup["build"]);
     let initdb = read(&checkout("deploy/compose/initdb/10-walkeep.sh"));
-    assert!(initdb.contains("walkeep init --config /etc/walkeep/walkeep.toml --pgdata \"$PGDATA\""));
+    let init = "walkeep init --config /etc/walkeep/walkeep.toml --pgdata \"$PGDATA\"";
+    assert!(initdb.contains(init), "{initdb}");
 
     // The image: walkeep built in a Rust stage, added to PostgreSQL 16.
     assert!(dockerfile.contains("ARG PG_MAJOR=16"));

@@ -1218,7 +1218,8 @@ fn tablespace_is_restored_where_the_mapping_says() {
         original.display()
     ));
     source.cluster.psql(
-        "CREATE TABLE far (n int) TABLESPACE extra; INSERT INTO far SELECT generate_series(1, 5000)",
+        "CREATE TABLE far (n int) TABLESPACE extra; \
+         INSERT INTO far SELECT generate_series(1, 5000)",
     );
     source.backup();
     source

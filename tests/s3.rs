@@ -487,7 +487,10 @@ fn point_in_time_recovery_with_the_repository_in_s3() {
         .args(["-d", &cluster.conninfo()]);
     run_ok(&mut backup);
 
-    cluster.psql("CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS note FROM generate_series(1, 2000) g");
+    cluster.psql(
+        "CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS note \
+         FROM generate_series(1, 2000) g",
+    );
     let good = cluster.psql("SELECT count(*), md5(string_agg(note, ',' ORDER BY id)) FROM orders");
     let target = cluster.psql(
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US+00')",

@@ -518,8 +518,17 @@ impl Drop for Lease {
             thread.thread().unpark();
             let _ = thread.join();
         }
-        let (inner, path) = (&self.inner, &self.path);
-        let _ = inner.block(async { inner.store.delete(path).await });
+        withdraw_lease(&self.inner, &self.path);
+    }
+}
+
+/// Deletes a lease of this process; a failure is logged (the lease then blocks others
+/// until it is stale).
+fn withdraw_lease(inner: &Inner, path: &Path) {
+    if let Err(e) = inner.block(async { inner.store.delete(path).await }) {
+        if !not_found(&e) {
+            tracing::warn!("failed to withdraw lock lease {path}: {e}");
+        }
     }
 }
 
@@ -564,17 +573,6 @@ impl S3Storage {
                 .filter(|l| l != own)
                 .collect(),
         ))
-    }
-
-    /// Deletes a lease of this process; a failure is logged (the lease then blocks others
-    /// until it is stale).
-    fn withdraw(&self, path: &Path) {
-        let inner = &self.inner;
-        if let Err(e) = inner.block(async { inner.store.delete(path).await }) {
-            if !not_found(&e) {
-                tracing::warn!("failed to withdraw lock lease {path}: {e}");
-            }
-        }
     }
 }
 
@@ -792,7 +790,7 @@ impl Storage for S3Storage {
             let others = match self.other_live_leases(name, &own) {
                 Ok(others) => others,
                 Err(e) => {
-                    self.withdraw(&path);
+                    withdraw_lease(&self.inner, &path);
                     return Err(e);
                 }
             };
@@ -801,7 +799,7 @@ impl Storage for S3Storage {
             if !conflict {
                 break;
             }
-            self.withdraw(&path);
+            withdraw_lease(&self.inner, &path);
             if attempt == 0 {
                 tracing::info!("waiting for lock {name} in {}", self.location());
             }
