@@ -155,19 +155,8 @@ pub fn run(repo: &Repository, options: &RestoreOptions) -> Result<Plan> {
     let tablespace_dirs = tablespace_targets(backup, options)?;
     prepare_directory(&options.to, options.force)?;
     for (oid, dir) in &tablespace_dirs {
-        // Unmapped, a tablespace goes back where the backed-up cluster kept it, which may
-        // be that very cluster's, in use: --force empties only directories named here.
         let mapped = options.tablespace_mapping.values().any(|d| d == dir);
-        let in_use = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
-        if in_use && options.force && !mapped {
-            bail!(
-                "tablespace {oid} would be restored into {}, which is not empty and may be \
-                 a running cluster's; --force empties only tablespace directories given \
-                 with --tablespace-mapping OLD=NEW",
-                dir.display()
-            );
-        }
-        prepare_directory(dir, options.force)?;
+        prepare_tablespace_directory(*oid, dir, options.force, mapped)?;
     }
     tracing::info!(
         "restoring backup {} ({}) to {}, then replaying WAL from {} along timeline {}",
@@ -287,6 +276,22 @@ fn prepare_directory(dir: &Path, force: bool) -> Result<()> {
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("failed to set permissions on {}", dir.display()))
+}
+
+/// [`prepare_directory`] for tablespace `oid`'s directory. Unmapped, a tablespace goes
+/// back where the backed-up cluster kept it, which may be that very cluster's, in use: so
+/// `force` empties only a directory given with `--tablespace-mapping` (`mapped`).
+fn prepare_tablespace_directory(oid: u32, dir: &Path, force: bool, mapped: bool) -> Result<()> {
+    let in_use = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if in_use && force && !mapped {
+        bail!(
+            "tablespace {oid} would be restored into {}, which is not empty and may be a \
+             running cluster's; --force empties only tablespace directories given with \
+             --tablespace-mapping OLD=NEW",
+            dir.display()
+        );
+    }
+    prepare_directory(dir, force)
 }
 
 /// The process id in `dir/postmaster.pid` if that process is alive: the directory is a
@@ -480,6 +485,21 @@ mod tests {
         );
         let command = restore_command_for("s3://bucket/prefix", None);
         assert!(command.contains("--repo s3://bucket/prefix "), "{command}");
+    }
+
+    #[test]
+    fn force_empties_only_a_mapped_tablespace_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("PG_15_202209061");
+        fs::write(&file, "in use").unwrap();
+        let err = prepare_tablespace_directory(16385, dir.path(), true, false).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--tablespace-mapping"),
+            "{err:#}"
+        );
+        assert!(file.exists());
+        prepare_tablespace_directory(16385, dir.path(), true, true).unwrap();
+        assert!(!file.exists());
     }
 
     #[test]
