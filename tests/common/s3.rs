@@ -116,7 +116,13 @@ impl S3Server {
             free_port()
         ));
         fs::create_dir_all(&dir).unwrap();
-        let s3_port = free_port();
+        // Distinct ports, all held open while they are chosen: one at a time, the kernel
+        // may hand out the same free port twice, and weed then fails to bind one service.
+        let held: Vec<std::net::TcpListener> = (0..8)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let mut ports = held.iter().map(|l| l.local_addr().unwrap().port());
+        let s3_port = ports.next().unwrap();
         let mut args = vec![
             "mini".to_string(),
             format!("-dir={}", dir.display()),
@@ -138,8 +144,9 @@ impl S3Server {
             "s3.port.iceberg",
             "s3.port.lance",
         ] {
-            args.push(format!("-{flag}={}", free_port()));
+            args.push(format!("-{flag}={}", ports.next().unwrap()));
         }
+        drop(held);
         let mut server = S3Server {
             endpoint: format!("http://127.0.0.1:{s3_port}"),
             dir,
