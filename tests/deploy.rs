@@ -142,12 +142,9 @@ fn switch_and_archive(cluster: &Cluster, repo: &Path) -> String {
          SELECT pg_walfile_name(pg_switch_wal())",
     );
     let segment = segment.lines().last().unwrap().to_string();
+    cluster.wait_archived(&segment, ARCHIVE_WAIT);
     let object = segment_object(repo, &segment);
-    cluster.wait_for(
-        &format!("{segment} in the repository"),
-        ARCHIVE_WAIT,
-        || object.is_file(),
-    );
+    assert!(object.is_file(), "{} is missing", object.display());
     segment
 }
 

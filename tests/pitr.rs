@@ -191,12 +191,9 @@ impl Source {
     /// name.
     fn switch_and_archive(&self) -> String {
         let segment = self.cluster.psql("SELECT pg_walfile_name(pg_switch_wal())");
+        self.cluster.wait_archived(&segment, ARCHIVE_WAIT);
         let object = self.segment_object(&segment);
-        self.cluster.wait_for(
-            &format!("{segment} to reach the repository"),
-            ARCHIVE_WAIT,
-            || object.is_file(),
-        );
+        assert!(object.is_file(), "{} is missing", object.display());
         segment
     }
 

@@ -879,9 +879,7 @@ fn point_in_time_recovery_with_prefetch_and_readahead_recovers_exactly() {
         insert(phase);
     }
     let last = source.psql("SELECT pg_walfile_name(pg_switch_wal())");
-    source.wait_for(&format!("{last} in the repository"), WAIT, || {
-        object_path(&repo, &last).is_file()
-    });
+    source.wait_archived(&last, WAIT);
 
     let to = scratch.path().join("restored");
     let mut restore = walkeep("walkeep");

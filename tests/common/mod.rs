@@ -863,6 +863,22 @@ impl Cluster {
         );
     }
 
+    /// Waits until PostgreSQL's archiver reports `name`, or a file that sorts after it, as
+    /// archived: only then has `archive_command` returned for it, so everything the command
+    /// writes (the stored object and its catalog entry) is in place. Seeing the object alone
+    /// is not enough; the command may still be cataloging it.
+    pub fn wait_archived(&self, name: &str, timeout: Duration) {
+        let sql = format!(
+            "SELECT coalesce(last_archived_wal, '') COLLATE \"C\" >= '{name}' \
+             FROM pg_stat_archiver"
+        );
+        self.wait_for(
+            &format!("the archiver to report {name} archived"),
+            timeout,
+            || self.psql(&sql) == "t",
+        );
+    }
+
     /// Calls `done` every 100 ms until it returns true; panics after `timeout`, naming
     /// `what` and quoting the server log.
     pub fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
