@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod durable;
 pub mod exit;
 pub mod expire;

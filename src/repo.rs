@@ -28,6 +28,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::config::FileConfig;
+use crate::control::ControlData;
 use crate::storage::local::LocalStorage;
 use crate::storage::s3::S3Storage;
 use crate::storage::{Commit, Committed, Storage};
@@ -52,6 +53,10 @@ pub struct Identity {
     pub wal_segment_size: u64,
     /// WAL block size in bytes.
     pub wal_block_size: u32,
+    /// Data block size in bytes (`BLCKSZ`). Repositories initialised before walkeep
+    /// recorded it lack it; it is then not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
     /// When the repository was initialised.
     pub created_at: DateTime<Utc>,
 }
@@ -67,38 +72,74 @@ impl Identity {
         }
     }
 
-    /// Reads the identity of the cluster in `pgdata`: its major version from `PG_VERSION`,
-    /// and system identifier and sizes from the header of a segment in `pg_wal`,
-    /// cross-checked against the system identifier at the start of `global/pg_control`.
+    /// Reads the identity of the cluster in `pgdata` from `PG_VERSION` and
+    /// `global/pg_control`, cross-checked against the header of the newest written segment
+    /// in `pg_wal` if there is one (a restored data directory not started yet has none).
     pub fn of_data_directory(pgdata: &Path) -> Result<Identity> {
-        let (control_sysid, pg_major_version) = control_identity(pgdata)?;
+        let control = ControlData::read(pgdata)?;
+        let pg_major_version = control.pg_major_version;
         if wal::magic_of_major_version(pg_major_version).is_none() {
             bail!("PostgreSQL {pg_major_version} is not supported (12 to 18 are)");
         }
-
-        let header = newest_segment_header(&pgdata.join("pg_wal"))?;
-        if header.system_identifier != control_sysid {
-            bail!(
-                "pg_wal and pg_control disagree: system identifier {} in WAL, {} in pg_control",
-                header.system_identifier,
-                control_sysid
-            );
-        }
-        if header.major_version() != pg_major_version {
-            bail!(
-                "WAL in {} is from PostgreSQL {}, PG_VERSION says {pg_major_version}",
-                pgdata.display(),
-                header.major_version()
-            );
+        if let Some(header) = newest_segment_header(&pgdata.join("pg_wal"))? {
+            let disagreements = [
+                (
+                    "system identifier",
+                    header.system_identifier,
+                    control.system_identifier,
+                ),
+                (
+                    "WAL segment size",
+                    u64::from(header.segment_size),
+                    u64::from(control.wal_segment_size),
+                ),
+                (
+                    "WAL block size",
+                    u64::from(header.block_size),
+                    u64::from(control.wal_block_size),
+                ),
+            ];
+            for (what, in_wal, in_control) in disagreements {
+                if in_wal != in_control {
+                    bail!(
+                        "pg_wal and pg_control in {} disagree: {what} {in_wal} in WAL, \
+                         {in_control} in pg_control",
+                        pgdata.display()
+                    );
+                }
+            }
+            if header.major_version() != pg_major_version {
+                bail!(
+                    "WAL in {} is from PostgreSQL {}, PG_VERSION says {pg_major_version}",
+                    pgdata.display(),
+                    header.major_version()
+                );
+            }
         }
         Ok(Identity {
             format: REPOSITORY_FORMAT,
-            system_identifier: header.system_identifier,
+            system_identifier: control.system_identifier,
             pg_major_version,
-            wal_segment_size: u64::from(header.segment_size),
-            wal_block_size: header.block_size,
+            wal_segment_size: u64::from(control.wal_segment_size),
+            wal_block_size: control.wal_block_size,
+            block_size: Some(control.block_size),
             created_at: Utc::now(),
         })
+    }
+
+    /// The cluster in words, for messages.
+    pub fn describe(&self) -> String {
+        let blocks = match self.block_size {
+            Some(size) => format!("{size}-byte data blocks, "),
+            None => String::new(),
+        };
+        format!(
+            "system identifier {}, PostgreSQL {}, {blocks}{}-byte WAL blocks, {} MiB WAL segments",
+            self.system_identifier,
+            self.pg_major_version,
+            self.wal_block_size,
+            self.wal_segment_size >> 20
+        )
     }
 
     fn same_cluster(&self, other: &Identity) -> bool {
@@ -106,56 +147,24 @@ impl Identity {
             && self.pg_major_version == other.pg_major_version
             && self.wal_segment_size == other.wal_segment_size
             && self.wal_block_size == other.wal_block_size
+            && match (self.block_size, other.block_size) {
+                (Some(mine), Some(theirs)) => mine == theirs,
+                _ => true,
+            }
     }
 }
 
-/// True if and only if `pg_wal` holds at least one WAL segment.
-fn has_segments(pg_wal: &Path) -> bool {
-    fs::read_dir(pg_wal).is_ok_and(|entries| {
-        entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .any(|n| n.parse::<SegmentName>().is_ok())
-    })
-}
-
-/// The system identifier (the first field of `global/pg_control`) and the major version
-/// (`PG_VERSION`) of a data directory.
-pub fn control_identity(pgdata: &Path) -> Result<(u64, u32)> {
-    let version_path = pgdata.join("PG_VERSION");
-    let version = fs::read_to_string(&version_path).with_context(|| {
-        format!(
-            "failed to read {}: is {} a data directory?",
-            version_path.display(),
-            pgdata.display()
-        )
-    })?;
-    let version: u32 = version.trim().parse().with_context(|| {
-        format!(
-            "unexpected content in {}: {version:?}",
-            version_path.display()
-        )
-    })?;
-    let control_path = pgdata.join("global/pg_control");
-    let control = fs::read(&control_path)
-        .with_context(|| format!("failed to read {}", control_path.display()))?;
-    let sysid = control.get(..8).context("pg_control is too short")?;
-    Ok((u64::from_le_bytes(sysid.try_into().unwrap()), version))
-}
-
-/// The header of the newest segment in `pg_wal` that has one. PostgreSQL preallocates the
-/// next segment zero-filled at a checkpoint, and recycles old ones under future names (their
-/// headers are the same cluster's), so a segment whose first page is all zeros is skipped: it
-/// says nothing about the cluster until the server writes into it.
-fn newest_segment_header(pg_wal: &Path) -> Result<LongPageHeader> {
+/// The header of the newest segment in `pg_wal` that has one, if any. PostgreSQL
+/// preallocates the next segment zero-filled at a checkpoint, and recycles old ones under
+/// future names (their headers are the same cluster's), so a segment whose first page is all
+/// zeros is skipped: it says nothing about the cluster until the server writes into it.
+fn newest_segment_header(pg_wal: &Path) -> Result<Option<LongPageHeader>> {
     let mut segments: Vec<String> = fs::read_dir(pg_wal)
         .with_context(|| format!("failed to list {}", pg_wal.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| n.parse::<SegmentName>().is_ok())
         .collect();
     segments.sort();
-    if segments.is_empty() {
-        bail!("no WAL segment in {}", pg_wal.display());
-    }
     for name in segments.iter().rev() {
         let path = pg_wal.join(name);
         let mut bytes = vec![0u8; wal::LONG_PAGE_HEADER_SIZE];
@@ -167,12 +176,10 @@ fn newest_segment_header(pg_wal: &Path) -> Result<LongPageHeader> {
             continue;
         }
         return LongPageHeader::parse(&bytes)
+            .map(Some)
             .with_context(|| format!("bad WAL header in {}", path.display()));
     }
-    bail!(
-        "every segment in {} is zero-filled (preallocated, not written yet)",
-        pg_wal.display()
-    )
+    Ok(None)
 }
 
 /// An opened, initialised repository.
@@ -204,9 +211,6 @@ impl Repository {
     /// Initialises a repository for the cluster in `pgdata`. Initialising again for the same
     /// cluster changes nothing; for another cluster it is refused.
     pub fn init(location: &str, pgdata: &Path, config: &FileConfig) -> Result<(Repository, bool)> {
-        if !has_segments(&pgdata.join("pg_wal")) {
-            return Repository::init_without_wal(location, pgdata, config);
-        }
         let identity = Identity::of_data_directory(pgdata)?;
         if !location.contains("://") || location.starts_with("file://") {
             let path = location.strip_prefix("file://").unwrap_or(location);
@@ -222,49 +226,17 @@ impl Repository {
                 let repo = Repository::open_storage(storage)?;
                 if !repo.identity.same_cluster(&identity) {
                     bail!(
-                        "repository {} already belongs to another cluster: system identifier {}, \
-                         PostgreSQL {}; the data directory {} is system identifier {}, \
-                         PostgreSQL {}",
+                        "repository {} already belongs to another cluster ({}); the data \
+                         directory {} is {}",
                         repo.storage.location(),
-                        repo.identity.system_identifier,
-                        repo.identity.pg_major_version,
+                        repo.identity.describe(),
                         pgdata.display(),
-                        identity.system_identifier,
-                        identity.pg_major_version
+                        identity.describe()
                     );
                 }
                 Ok((repo, false))
             }
         }
-    }
-
-    /// A data directory restored but not started yet has no WAL to read the sizes from. It
-    /// can still be matched against an existing repository, by the system identifier in
-    /// `pg_control` and the major version; a new repository needs the server started once.
-    fn init_without_wal(
-        location: &str,
-        pgdata: &Path,
-        config: &FileConfig,
-    ) -> Result<(Repository, bool)> {
-        let (sysid, version) = control_identity(pgdata)?;
-        let repo = Repository::open_with(location, config).with_context(|| {
-            format!(
-                "{} has no WAL segment yet to take the cluster's identity from; start the \
-                 server once, then run walkeep init",
-                pgdata.join("pg_wal").display()
-            )
-        })?;
-        let id = &repo.identity;
-        if id.system_identifier != sysid || id.pg_major_version != version {
-            bail!(
-                "repository {location} belongs to system {}, PostgreSQL {}; the data \
-                 directory {} is system {sysid}, PostgreSQL {version}",
-                id.system_identifier,
-                id.pg_major_version,
-                pgdata.display()
-            );
-        }
-        Ok((repo, false))
     }
 
     /// Opens the repository at `location`, which must have been initialised, with object
@@ -407,8 +379,7 @@ mod tests {
         fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
         fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
         let sysid: u64 = 7_300_000_000_000_000_001;
-        let mut control = sysid.to_le_bytes().to_vec();
-        control.resize(8192, 0);
+        let control = crate::control::tests::control_bytes(sysid, 160, [8192, 8192, 16 << 20]);
         fs::write(pgdata.join("global/pg_control"), control).unwrap();
 
         let magic = wal::magic_of_major_version(15).unwrap();
@@ -424,9 +395,50 @@ mod tests {
         assert_eq!(identity.system_identifier, sysid);
         assert_eq!(identity.wal_segment_size, 16 << 20);
         assert_eq!(identity.wal_block_size, 8192);
+        assert_eq!(identity.block_size, Some(8192));
 
+        // With only a preallocated segment, pg_control alone gives the same identity.
         fs::remove_file(pgdata.join("pg_wal/00000001000000000000002F")).unwrap();
-        let err = Identity::of_data_directory(pgdata).unwrap_err().to_string();
-        assert!(err.contains("zero-filled"), "{err}");
+        let alone = Identity::of_data_directory(pgdata).unwrap();
+        assert!(alone.same_cluster(&identity), "{alone:?}");
+    }
+
+    #[test]
+    fn wal_disagreeing_with_pg_control_is_refused_naming_both_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let pgdata = dir.path();
+        fs::create_dir_all(pgdata.join("global")).unwrap();
+        fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+        let sysid: u64 = 7_300_000_000_000_000_001;
+        let control = crate::control::tests::control_bytes(sysid, 160, [8192, 8192, 1 << 20]);
+        fs::write(pgdata.join("global/pg_control"), control).unwrap();
+        let magic = wal::magic_of_major_version(15).unwrap();
+        let segment = wal::tests::header_bytes(magic, 1, 0x0100_0000, sysid, 16 << 20);
+        fs::write(pgdata.join("pg_wal/000000010000000000000001"), segment).unwrap();
+
+        let err = format!("{:#}", Identity::of_data_directory(pgdata).unwrap_err());
+        assert!(
+            err.contains("WAL segment size 16777216 in WAL, 1048576 in pg_control"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_identity_without_block_size_still_matches_its_cluster() {
+        let recorded = r#"{"format": 1, "system_identifier": 9, "pg_major_version": 15,
+            "wal_segment_size": 16777216, "wal_block_size": 8192,
+            "created_at": "2026-01-01T00:00:00Z"}"#;
+        let old: Identity = serde_json::from_str(recorded).unwrap();
+        assert_eq!(old.block_size, None);
+        let mut now = old.clone();
+        now.block_size = Some(8192);
+        assert!(old.same_cluster(&now) && now.same_cluster(&old));
+        let mut other = now.clone();
+        other.block_size = Some(16384);
+        assert!(!now.same_cluster(&other));
+        assert!(!serde_json::to_string(&old)
+            .unwrap()
+            .contains("block_size\":null"));
     }
 }

@@ -186,13 +186,18 @@ fn newest_segment(pg_wal: &Path) -> String {
 
 /// The system identifier of the cluster in `pgdata`, from pg_controldata.
 fn system_identifier(pgdata: &Path) -> u64 {
+    controldata(pgdata, "Database system identifier")
+}
+
+/// The value `pg_controldata` prints for `label` on the data directory `pgdata`.
+fn controldata(pgdata: &Path, label: &str) -> u64 {
     let mut cmd = pg_command("pg_controldata");
     cmd.arg("-D").arg(pgdata);
     let output = run_ok(as_cluster_user(&mut cmd));
     let text = String::from_utf8_lossy(&output.stdout);
     text.lines()
-        .find_map(|line| line.strip_prefix("Database system identifier:"))
-        .unwrap_or_else(|| panic!("pg_controldata printed no system identifier:\n{text}"))
+        .find_map(|line| line.strip_prefix(&format!("{label}:")))
+        .unwrap_or_else(|| panic!("pg_controldata printed no {label}:\n{text}"))
         .trim()
         .parse()
         .unwrap()
@@ -604,6 +609,63 @@ fn misnamed_truncated_and_garbage_files_are_refused_leaving_repository_unchanged
         assert_eq!(tree(&repo), snapshot, "{what}: the repository changed");
     }
     assert_eq!(stored_objects(&repo), Vec::<PathBuf>::new());
+}
+
+/// `walkeep init` must record what `pg_controldata` reads from the same data directory, on a
+/// cluster whose sizes are not the defaults' everywhere, and must get the same identity from
+/// `pg_control` alone when `pg_wal` holds no segment (a restored copy not started yet).
+#[test]
+fn init_records_the_identity_pg_controldata_reports_with_or_without_wal() {
+    let scratch = Scratch::new();
+    let cluster = Cluster::init(
+        &scratch,
+        "identity",
+        InitOptions::default().with_wal_segsize_mb(2),
+    );
+    let identity_of = |repo: &Path| -> serde_json::Value {
+        serde_json::from_slice(&fs::read(repo.join("repository.json")).unwrap()).unwrap()
+    };
+    let repo = scratch.path().join("repo");
+    run_ok(
+        walkeep("walkeep")
+            .args(["init", "--repo"])
+            .arg(&repo)
+            .arg("--pgdata")
+            .arg(&cluster.pgdata),
+    );
+    let identity = identity_of(&repo);
+    for (field, label) in [
+        ("system_identifier", "Database system identifier"),
+        ("block_size", "Database block size"),
+        ("wal_block_size", "WAL block size"),
+        ("wal_segment_size", "Bytes per WAL segment"),
+    ] {
+        assert_eq!(
+            identity[field].as_u64(),
+            Some(controldata(&cluster.pgdata, label)),
+            "{field} in {identity}"
+        );
+    }
+    assert_eq!(identity["wal_segment_size"].as_u64(), Some(2 << 20));
+
+    let pg_wal = cluster.pgdata.join("pg_wal");
+    for entry in fs::read_dir(&pg_wal).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            fs::remove_file(path).unwrap();
+        }
+    }
+    let without_wal = scratch.path().join("repo-without-wal");
+    run_ok(
+        walkeep("walkeep")
+            .args(["init", "--repo"])
+            .arg(&without_wal)
+            .arg("--pgdata")
+            .arg(&cluster.pgdata),
+    );
+    let mut again = identity_of(&without_wal);
+    again["created_at"] = identity["created_at"].clone();
+    assert_eq!(again, identity);
 }
 
 #[test]
