@@ -2,13 +2,15 @@
 //!
 //! Connections follow libpq's conventions as far as tokio-postgres allows: a conninfo
 //! string or `postgresql://` URI, with anything it leaves out taken from `PGHOST`,
-//! `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE` and `PGCONNECT_TIMEOUT`, and finally from
+//! `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE` and `PGCONNECT_TIMEOUT`, then the
+//! password file (`PGPASSFILE` or `~/.pgpass`, looked up for the first host), and finally
 //! libpq's defaults (the Unix socket in `/var/run/postgresql` or `/tmp`, port 5432, the OS
 //! user name, a database named like the user).
 //!
 //! Not supported yet: TLS (`sslmode=require` and above fail to connect rather than
-//! falling back to plain text) and `.pgpass`; use a socket, `trust`/`peer`, or
-//! `PGPASSWORD`.
+//! falling back to plain text); use a socket, `peer`, or a password over a trusted network.
+
+mod pgpass;
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,7 +19,11 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
-/// Builds a connection configuration from `conninfo` plus the `PG*` environment.
+/// The directories libpq looks for the server's socket in when no host is given.
+const DEFAULT_SOCKET_DIRS: [&str; 2] = ["/var/run/postgresql", "/tmp"];
+
+/// Builds a connection configuration from `conninfo` plus the `PG*` environment and the
+/// password file.
 pub fn config(conninfo: Option<&str>) -> Result<Config> {
     let mut config: Config = match conninfo {
         Some(text) if !text.trim().is_empty() => text
@@ -34,7 +40,7 @@ pub fn config(conninfo: Option<&str>) -> Result<Config> {
                 }
             }
             None => {
-                let socket_dir = ["/var/run/postgresql", "/tmp"]
+                let socket_dir = DEFAULT_SOCKET_DIRS
                     .into_iter()
                     .find(|d| Path::new(d).is_dir())
                     .unwrap_or("/tmp");
@@ -67,6 +73,11 @@ pub fn config(conninfo: Option<&str>) -> Result<Config> {
             config.dbname(&dbname);
         }
     }
+    if config.get_password().is_none() {
+        if let Some(password) = password_from_file(&config) {
+            config.password(password);
+        }
+    }
     if config.get_connect_timeout().is_none() {
         let secs = env("PGCONNECT_TIMEOUT")
             .and_then(|s| s.parse().ok())
@@ -77,6 +88,26 @@ pub fn config(conninfo: Option<&str>) -> Result<Config> {
         config.application_name("walkeep");
     }
     Ok(config)
+}
+
+/// The password file's password for the first host of `config`. A connection through a
+/// default socket directory is looked up as `localhost`, as libpq does.
+fn password_from_file(config: &Config) -> Option<String> {
+    let path = pgpass::default_path()?;
+    let host = match config.get_hosts().first()? {
+        Host::Tcp(name) => name.clone(),
+        Host::Unix(dir) if DEFAULT_SOCKET_DIRS.iter().any(|d| dir == Path::new(d)) => {
+            "localhost".to_string()
+        }
+        Host::Unix(dir) => dir.display().to_string(),
+    };
+    let lookup = pgpass::Lookup {
+        host: &host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        database: config.get_dbname()?,
+        user: config.get_user()?,
+    };
+    pgpass::password(&path, lookup)
 }
 
 fn os_user_name() -> Option<String> {

@@ -987,6 +987,69 @@ fn check_passes_on_a_cluster_that_archives_into_the_repository() {
     assert!(object_path(&source.repo, segment).is_file(), "{segment}");
 }
 
+/// `walkeep check`, which connects as `walkeep backup` does, takes the password from the
+/// password file the way libpq does: a private file with a matching line logs in, the same
+/// file readable by others is ignored with a warning, and a wrong password is refused by
+/// the server.
+#[test]
+fn check_logs_in_with_the_password_file_as_libpq_does() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "password");
+    let cluster = &source.cluster;
+    cluster.psql("CREATE ROLE operator LOGIN SUPERUSER PASSWORD 'correct horse'");
+    // pg_hba.conf takes the first match: the operator must use SCRAM, the harness stays
+    // trusted.
+    let hba = cluster.pgdata.join("pg_hba.conf");
+    let rest = fs::read_to_string(&hba).unwrap();
+    fs::write(
+        &hba,
+        format!("host all operator 127.0.0.1/32 scram-sha-256\n{rest}"),
+    )
+    .unwrap();
+    cluster.reload();
+
+    let port = cluster.port;
+    let conninfo = format!("host=127.0.0.1 port={port} user=operator dbname=postgres");
+    let pgpass = scratch.path().join("pgpass");
+    let check_with = |line: String, mode: u32| -> (Output, String) {
+        fs::write(&pgpass, line).unwrap();
+        fs::set_permissions(&pgpass, fs::Permissions::from_mode(mode)).unwrap();
+        fix_ownership(&pgpass);
+        let output = run(walkeep("check", &source.repo)
+            .args(["-d", &conninfo, "--timeout", "60"])
+            .env("PGPASSFILE", &pgpass)
+            .env_remove("PGPASSWORD"));
+        let said = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        (output, said)
+    };
+
+    let (output, said) = check_with(
+        format!("# ours\n127.0.0.1:{port}:postgres:operator:correct horse\n"),
+        0o600,
+    );
+    assert!(
+        output.status.success(),
+        "check with a private password file:\n{said}"
+    );
+
+    let (output, said) = check_with(
+        format!("127.0.0.1:{port}:postgres:operator:correct horse\n"),
+        0o644,
+    );
+    assert!(
+        !output.status.success(),
+        "an open password file was used:\n{said}"
+    );
+    assert!(said.contains("group or world access"), "{said}");
+
+    let (output, said) = check_with(format!("127.0.0.1:{port}:*:operator:wrong\n"), 0o600);
+    assert!(
+        !output.status.success(),
+        "a wrong password logged in:\n{said}"
+    );
+    assert!(said.contains("password authentication failed"), "{said}");
+}
+
 /// Regression: `walkeep check` names the segment it switched with the timeline of the last
 /// checkpoint (`pg_control_checkpoint()`), which after a standby's promotion stays the old
 /// one until the first checkpoint on the new timeline completes: PostgreSQL promotes a
