@@ -369,18 +369,25 @@ mod tests {
         assert!(storage_for("s3://", &config).is_err());
     }
 
+    /// Makes `pgdata` a PostgreSQL 15 data directory whose `pg_control` says `segment_size`,
+    /// with an empty `pg_wal`; returns its system identifier.
+    fn standin_data_directory(pgdata: &Path, segment_size: u32) -> u64 {
+        let sysid: u64 = 7_300_000_000_000_000_001;
+        fs::create_dir_all(pgdata.join("global")).unwrap();
+        fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
+        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+        let control = crate::control::tests::control_bytes(sysid, 160, [8192, 8192, segment_size]);
+        fs::write(pgdata.join("global/pg_control"), control).unwrap();
+        sysid
+    }
+
     /// Regression: a checkpoint with the current segment more than 75% full preallocates the
     /// next one zero-filled, and `init` used to read only the newest file in `pg_wal`.
     #[test]
     fn identity_skips_a_preallocated_segment() {
         let dir = tempfile::tempdir().unwrap();
         let pgdata = dir.path();
-        fs::create_dir_all(pgdata.join("global")).unwrap();
-        fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
-        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
-        let sysid: u64 = 7_300_000_000_000_000_001;
-        let control = crate::control::tests::control_bytes(sysid, 160, [8192, 8192, 16 << 20]);
-        fs::write(pgdata.join("global/pg_control"), control).unwrap();
+        let sysid = standin_data_directory(pgdata, 16 << 20);
 
         let magic = wal::magic_of_major_version(15).unwrap();
         let written = wal::tests::header_bytes(magic, 1, 0x2F00_0000, sysid, 16 << 20);
@@ -407,12 +414,7 @@ mod tests {
     fn wal_disagreeing_with_pg_control_is_refused_naming_both_values() {
         let dir = tempfile::tempdir().unwrap();
         let pgdata = dir.path();
-        fs::create_dir_all(pgdata.join("global")).unwrap();
-        fs::create_dir_all(pgdata.join("pg_wal")).unwrap();
-        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
-        let sysid: u64 = 7_300_000_000_000_000_001;
-        let control = crate::control::tests::control_bytes(sysid, 160, [8192, 8192, 1 << 20]);
-        fs::write(pgdata.join("global/pg_control"), control).unwrap();
+        let sysid = standin_data_directory(pgdata, 1 << 20);
         let magic = wal::magic_of_major_version(15).unwrap();
         let segment = wal::tests::header_bytes(magic, 1, 0x0100_0000, sysid, 16 << 20);
         fs::write(pgdata.join("pg_wal/000000010000000000000001"), segment).unwrap();

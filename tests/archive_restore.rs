@@ -622,18 +622,19 @@ fn init_records_the_identity_pg_controldata_reports_with_or_without_wal() {
         "identity",
         InitOptions::default().with_wal_segsize_mb(2),
     );
-    let identity_of = |repo: &Path| -> serde_json::Value {
+    // `walkeep init` into a new repository `name`; returns the identity it recorded.
+    let init = |name: &str| -> serde_json::Value {
+        let repo = scratch.path().join(name);
+        run_ok(
+            walkeep("walkeep")
+                .args(["init", "--repo"])
+                .arg(&repo)
+                .arg("--pgdata")
+                .arg(&cluster.pgdata),
+        );
         serde_json::from_slice(&fs::read(repo.join("repository.json")).unwrap()).unwrap()
     };
-    let repo = scratch.path().join("repo");
-    run_ok(
-        walkeep("walkeep")
-            .args(["init", "--repo"])
-            .arg(&repo)
-            .arg("--pgdata")
-            .arg(&cluster.pgdata),
-    );
-    let identity = identity_of(&repo);
+    let identity = init("repo");
     for (field, label) in [
         ("system_identifier", "Database system identifier"),
         ("block_size", "Database block size"),
@@ -655,15 +656,7 @@ fn init_records_the_identity_pg_controldata_reports_with_or_without_wal() {
             fs::remove_file(path).unwrap();
         }
     }
-    let without_wal = scratch.path().join("repo-without-wal");
-    run_ok(
-        walkeep("walkeep")
-            .args(["init", "--repo"])
-            .arg(&without_wal)
-            .arg("--pgdata")
-            .arg(&cluster.pgdata),
-    );
-    let mut again = identity_of(&without_wal);
+    let mut again = init("repo-without-wal");
     again["created_at"] = identity["created_at"].clone();
     assert_eq!(again, identity);
 }
