@@ -250,7 +250,7 @@ pub fn restore(
     let Ok(segno) = segment.segno(repo.segment_size()) else {
         return plain();
     };
-    if let Err(err) = durable::create_dir_all(&spool.dir) {
+    if let Err(err) = crate::spool::create_dir(&spool.dir) {
         tracing::warn!("restoring {name} without prefetch: {err:#}");
         return plain();
     }

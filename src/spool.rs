@@ -27,7 +27,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -91,7 +91,7 @@ impl Spool {
     pub fn open(root: &Path, repo: &Repository, wal_dir: &Path) -> Result<Spool> {
         let wal_dir = fs::canonicalize(wal_dir)
             .with_context(|| format!("failed to resolve WAL directory {}", wal_dir.display()))?;
-        durable::create_dir_all(root)
+        create_dir(root)
             .with_context(|| format!("failed to create spool directory {}", root.display()))?;
         let root = fs::canonicalize(root)
             .with_context(|| format!("failed to resolve spool directory {}", root.display()))?;
@@ -109,7 +109,7 @@ impl Spool {
         }
         let digest = hex::encode(hasher.finalize());
         let dir = root.join(format!("{}-{}", identity.system_identifier, &digest[..16]));
-        durable::create_dir_all(&dir)?;
+        create_dir(&dir)?;
         Ok(Spool { dir })
     }
 
@@ -121,9 +121,20 @@ impl Spool {
     /// `<area>/<name>`, created owner-only if missing.
     pub fn subdir(&self, name: &str) -> Result<PathBuf> {
         let dir = self.dir.join(name);
-        durable::create_dir_all(&dir)?;
+        create_dir(&dir)?;
         Ok(dir)
     }
+}
+
+/// Creates `dir` and any missing parents, owner-only. Nothing is synced: the spool is a
+/// cache, and a crash that loses part of it loses time, never WAL. Syncing the parent on
+/// every `restore_command` call would instead cost a journal commit per call on a busy disk.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(durable::DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("failed to create directory {}", dir.display()))
 }
 
 fn check_root(root: &Path, wal_dir: &Path) -> Result<()> {

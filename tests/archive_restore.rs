@@ -1067,8 +1067,10 @@ fn missing_segment_or_history_file_is_absent_quickly_and_quietly() {
             &format!("restore of missing {name}"),
         );
         assert!(!dest.exists());
+        // Not a speed test (scripts/bench.sh measures that): it catches a wait or a retry
+        // on the absent path, with room for a loaded machine.
         assert!(
-            elapsed < Duration::from_secs(1),
+            elapsed < Duration::from_secs(5),
             "answering that {name} is absent took {elapsed:?}"
         );
         let message = stderr(&output);

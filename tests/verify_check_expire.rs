@@ -1085,11 +1085,18 @@ fn check_end_to_end_follows_the_new_timeline_right_after_a_promotion() {
     let checkpoint_timeline = standby.psql("SELECT timeline_id FROM pg_control_checkpoint()");
     eprintln!("timeline of the last checkpoint just after promotion: {checkpoint_timeline}");
 
-    let (_, verdicts) = check_within(&source.repo, &standby, 5);
+    // The old timeline's segment never comes: with the bug, check fails however long it
+    // waits, so the wait can leave room for a loaded machine.
+    let (_, verdicts) = check_within(&source.repo, &standby, 60);
     assert_eq!(
         verdicts["end to end"].0, "ok",
         "the promoted server archives fine: {:?}",
         verdicts["end to end"]
+    );
+    let detail = &verdicts["end to end"].1;
+    assert!(
+        detail.contains(" 00000002"),
+        "check did not wait for a segment of the new timeline: {detail}"
     );
 }
 

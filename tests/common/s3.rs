@@ -116,16 +116,44 @@ impl S3Server {
             free_port()
         ));
         fs::create_dir_all(&dir).unwrap();
+        let mut server = S3Server {
+            endpoint: String::new(),
+            dir,
+            args: Vec::new(),
+            child: None,
+        };
+        // A port chosen here can still be taken by another process before weed binds it,
+        // and weed then exits: start over on other ports, with a fresh data directory.
+        for attempt in 1..=3 {
+            server.choose_ports(attempt);
+            match server.spawn(&weed) {
+                Ok(()) => return Some(server),
+                Err(why) if attempt < 3 => {
+                    eprintln!("SeaweedFS failed to start (attempt {attempt}): {why}");
+                    server.stop();
+                }
+                Err(why) => panic!("SeaweedFS failed to start three times: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Chooses the ports of every service weed mini runs (gRPC ones included, which it
+    /// would otherwise put 10000 above the HTTP ones, past 65535 for high ports) and the
+    /// data directory for `attempt`.
+    fn choose_ports(&mut self, attempt: u32) {
         // Distinct ports, all held open while they are chosen: one at a time, the kernel
         // may hand out the same free port twice, and weed then fails to bind one service.
-        let held: Vec<std::net::TcpListener> = (0..8)
+        let held: Vec<std::net::TcpListener> = (0..13)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
         let mut ports = held.iter().map(|l| l.local_addr().unwrap().port());
         let s3_port = ports.next().unwrap();
+        let data = self.dir.join(format!("data-{attempt}"));
+        fs::create_dir_all(&data).unwrap();
         let mut args = vec![
             "mini".to_string(),
-            format!("-dir={}", dir.display()),
+            format!("-dir={}", data.display()),
             "-ip=127.0.0.1".into(),
             "-ip.bind=127.0.0.1".into(),
             "-master.telemetry=false".into(),
@@ -143,21 +171,21 @@ impl S3Server {
             "webdav.port",
             "s3.port.iceberg",
             "s3.port.lance",
+            "master.port.grpc",
+            "volume.port.grpc",
+            "filer.port.grpc",
+            "admin.port.grpc",
+            "s3.port.grpc",
         ] {
             args.push(format!("-{flag}={}", ports.next().unwrap()));
         }
-        drop(held);
-        let mut server = S3Server {
-            endpoint: format!("http://127.0.0.1:{s3_port}"),
-            dir,
-            args,
-            child: None,
-        };
-        server.spawn(&weed);
-        Some(server)
+        self.endpoint = format!("http://127.0.0.1:{s3_port}");
+        self.args = args;
     }
 
-    fn spawn(&mut self, weed: &Path) {
+    /// Starts weed with the chosen ports and waits until it serves; says why if it exits
+    /// or never serves.
+    fn spawn(&mut self, weed: &Path) -> Result<(), String> {
         let log = fs::File::create(self.dir.join("weed.log")).unwrap();
         let mut command = Command::new(weed);
         command
@@ -176,13 +204,15 @@ impl S3Server {
             });
         }
         self.child = Some(command.spawn().expect("failed to start weed"));
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    /// Waits until a signed PUT and GET succeed.
-    fn wait_ready(&self) {
+    /// Waits until a signed PUT and GET succeed; an error, with weed's log, if weed exits
+    /// first or 90 s pass.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let storage = self.storage("ready-check");
         let deadline = Instant::now() + Duration::from_secs(90);
+        let log = || fs::read_to_string(self.dir.join("weed.log")).unwrap_or_default();
         loop {
             let attempt = (|| -> anyhow::Result<()> {
                 let mut w = storage.create("probe", Commit::Replace)?;
@@ -196,13 +226,18 @@ impl S3Server {
                 anyhow::ensure!(text == "ready", "read back {text:?}");
                 Ok(())
             })();
+            let child = self.child.as_mut().expect("spawned");
             match attempt {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    let log = fs::read_to_string(self.dir.join("weed.log")).unwrap_or_default();
-                    panic!("SeaweedFS did not become ready: {e:#}\n{log}");
+                    return Err(format!("not ready after 90 s: {e:#}\n{}", log()));
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                Err(e) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("weed exited ({status}): {e:#}\n{}", log()));
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
             }
         }
     }
@@ -258,7 +293,9 @@ impl S3Server {
     pub fn restart(&mut self) {
         self.stop();
         let weed = weed_binary().expect("weed was there a moment ago");
-        self.spawn(&weed);
+        if let Err(why) = self.spawn(&weed) {
+            panic!("SeaweedFS failed to restart on its ports: {why}");
+        }
     }
 }
 
