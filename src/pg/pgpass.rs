@@ -71,32 +71,50 @@ fn find(text: &str, lookup: Lookup<'_>) -> Option<String> {
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .filter_map(split)
         .find(|(keys, _)| {
-            keys.iter()
-                .zip(wanted)
-                .all(|(key, value)| key == "*" || key == value)
+            keys.iter().zip(wanted).all(|(key, value)| match key {
+                Key::Any => true,
+                Key::Exact(key) => key == value,
+            })
         })
         .map(|(_, password)| password)
 }
 
-/// Splits a line into its four unescaped keys and the password (the rest of the line, also
-/// unescaped); `None` for a line with fewer than five fields.
-fn split(line: &str) -> Option<([String; 4], String)> {
-    let mut fields = vec![String::new()];
+/// One of a line's first four fields.
+#[derive(Debug, PartialEq, Eq)]
+enum Key {
+    /// A bare `*`.
+    Any,
+    /// Anything else, unescaped (so `\*` is a literal star).
+    Exact(String),
+}
+
+/// Splits a line into its four keys and the password (the rest of the line, unescaped);
+/// `None` for a line with fewer than five fields.
+fn split(line: &str) -> Option<([Key; 4], String)> {
+    let mut fields = vec![(String::new(), false)];
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(escaped) = chars.next() {
-                    fields.last_mut().unwrap().push(escaped);
-                }
-            }
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            c => fields.last_mut().unwrap().push(c),
+        if c == ':' && fields.len() < 5 {
+            fields.push((String::new(), false));
+            continue;
+        }
+        let (field, escaped) = fields.last_mut().unwrap();
+        if c != '\\' {
+            field.push(c);
+        } else if let Some(next) = chars.next() {
+            field.push(next);
+            *escaped = true;
         }
     }
-    let password = fields.pop().filter(|_| fields.len() == 4)?;
-    let keys: [String; 4] = fields.try_into().ok()?;
-    Some((keys, password))
+    let (password, _) = fields.pop().filter(|_| fields.len() == 4)?;
+    let keys: Vec<Key> = fields
+        .into_iter()
+        .map(|(text, escaped)| match (text.as_str(), escaped) {
+            ("*", false) => Key::Any,
+            _ => Key::Exact(text),
+        })
+        .collect();
+    Some((keys.try_into().ok()?, password))
 }
 
 #[cfg(test)]
@@ -146,6 +164,14 @@ db.example:5432:app:alice:first
             Some("pa:ss:wo\\rd")
         );
         assert_eq!(split("too:few:fields:here"), None);
+        let (keys, _) = split("\\*:*:db:u:p").unwrap();
+        assert_eq!(
+            keys[0],
+            Key::Exact("*".into()),
+            "an escaped star is literal"
+        );
+        assert_eq!(keys[1], Key::Any);
+        assert_eq!(find("\\*:*:*:*:p", lookup("h", 1, "d", "u")), None);
         assert_eq!(
             split("a:b:c:d:").map(|(_, p)| p).as_deref(),
             Some(""),
