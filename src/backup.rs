@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_postgres::Client;
 
+use crate::control::ControlData;
 use crate::lsn::Lsn;
 use crate::manifest::{self, DirEntry, FileEntry, Manifest, Tablespace, MANIFEST_FORMAT};
 use crate::object;
@@ -305,14 +306,9 @@ pub async fn run(repo: &Repository, options: &BackupOptions) -> Result<Manifest>
             identity.pg_major_version
         );
     }
-    let control = options.pgdata.join("global/pg_control");
-    let local_sysid = fs::read(&control)
-        .ok()
-        .and_then(|b| {
-            b.get(..8)
-                .map(|s| u64::from_le_bytes(s.try_into().unwrap()))
-        })
-        .with_context(|| format!("cannot read {}: is --pgdata right?", control.display()))?;
+    let local_sysid = ControlData::read(&options.pgdata)
+        .context("is --pgdata right?")?
+        .system_identifier;
     if local_sysid != sysid {
         bail!(
             "--pgdata {} holds system {local_sysid}, but the server connected to is system {sysid}",

@@ -69,7 +69,6 @@ impl ControlData {
         let sizes = parse_sizes(&control)
             .with_context(|| format!("failed to read {}", control_path.display()))?;
         Ok(ControlData {
-            system_identifier: u64::from_le_bytes(control[..8].try_into().unwrap()),
             pg_major_version,
             ..sizes
         })

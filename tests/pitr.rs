@@ -1123,6 +1123,39 @@ fn next_backup_leaves_nothing_of_a_killed_backup() {
     assert_eq!(subdirectories(&backups_dir), vec![next.id]);
 }
 
+/// `walkeep backup` copies the directory named by `--pgdata`, so that directory must be the
+/// server's: another cluster's, or no data directory at all, is refused before anything is
+/// written to the repository.
+#[test]
+fn backup_refuses_a_pgdata_that_is_not_the_servers() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    let other = Cluster::init(&scratch, "other", InitOptions::default());
+    let not_data = scratch.dir("not-a-data-directory");
+    // Lock files aside, which any command may create.
+    let content = || -> Vec<String> {
+        let mut entries = all_entries(&source.repo);
+        entries.retain(|e| !e.starts_with("locks/"));
+        entries
+    };
+    let before = content();
+
+    for (pgdata, needle) in [(&other.pgdata, "holds system"), (&not_data, "--pgdata")] {
+        let output = run(walkeep("backup", &source.repo)
+            .arg("--pgdata")
+            .arg(pgdata)
+            .args(["-d", &source.cluster.conninfo()]));
+        let stderr = text(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "backup of {} succeeded",
+            pgdata.display()
+        );
+        assert!(stderr.contains(needle), "{stderr}");
+        assert_eq!(content(), before, "{}", pgdata.display());
+    }
+}
+
 /// Every entry below `dir`, directories and dot files included, relative to `dir`.
 fn all_entries(dir: &Path) -> Vec<String> {
     fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
