@@ -134,10 +134,13 @@ pub struct Plan {
     pub timeline: u32,
     /// The target, for messages.
     pub target: String,
-    /// The target to write into the recovery settings: the one asked for, or the end of
-    /// the archive when that is provably the same state (see `warnings`).
+    /// The target to write into the recovery settings: the one asked for, or a position
+    /// that provably gives the same state (see `warnings`).
     #[serde(skip)]
     pub recovery_target: Target,
+    /// `recovery_target_inclusive` that `recovery_target` needs, overriding the operator's.
+    #[serde(skip)]
+    pub recovery_inclusive: Option<bool>,
     /// Position the target resolves to, when known (LSN targets, recorded restore points).
     pub target_lsn: Option<Lsn>,
     /// First WAL segment needed.
@@ -317,6 +320,13 @@ impl WalArchive {
                 }
             }
             reach.restore_points.extend(summary.restore_points);
+            // Summaries written before positions were recorded lack one: a stop before
+            // such a segment would be safe only if it ended no transaction.
+            reach.last_record = match summary.last_record {
+                Some(lsn) => Some(lsn),
+                None if summary.xact_ends > 0 => None,
+                None => reach.last_record,
+            };
         }
         Ok(reach)
     }
@@ -355,6 +365,9 @@ pub struct Reach {
     pub newest_xid: Option<u32>,
     /// Restore points, in WAL order.
     pub restore_points: Vec<NamedPoint>,
+    /// The start of the last record that ends in these segments: stopping just after it
+    /// leaves out no transaction end (unknown for summaries that predate positions).
+    pub last_record: Option<Lsn>,
     /// True if and only if every segment was summarised completely.
     pub complete: bool,
 }
@@ -530,6 +543,7 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
         };
         let mut last_needed = last_present;
         let mut recovery_target = target.clone();
+        let mut inclusive = None;
         match target {
             Target::Immediate => last_needed = path.segment(stop, size),
             Target::Lsn(_) | Target::Name(_) if target_lsn.is_some() => {
@@ -575,18 +589,29 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
                     ),
                     Some(_) if reach.complete => {
                         // PostgreSQL stops at a time only on seeing a transaction end after
-                        // it, and fails if there is none. Everything up to the target is
-                        // stored and nothing ended after it: the end of the archive is the
-                        // state at the target.
-                        warnings.push(format!(
-                            "no transaction ended after {target} in the archived WAL (the last \
-                             ended at {}); recovering to the end of the archive, which holds \
-                             the same committed state",
-                            reach
-                                .last_xact_end
-                                .map_or("-".to_string(), |e| e.to_string())
-                        ));
-                        recovery_target = Target::End;
+                        // it, and fails if there is none. Nothing stored ended after the
+                        // target, so the last stored record holds the state at the target:
+                        // stop just after it. Dropping the target instead would let recovery
+                        // run on into WAL archived later, past the target.
+                        match reach.last_record.filter(|l| *l >= backup.stop_lsn) {
+                            Some(last) => {
+                                warnings.push(format!(
+                                    "no transaction ended after {target} in the archived WAL \
+                                     (the last ended at {}); recovery stops at LSN {last}, the \
+                                     last record archived, which holds the same committed state",
+                                    reach
+                                        .last_xact_end
+                                        .map_or("-".to_string(), |e| e.to_string())
+                                ));
+                                recovery_target = Target::Lsn(last);
+                                inclusive = Some(true);
+                            }
+                            None => warnings.push(format!(
+                                "no transaction ended after {target} in the archived WAL; \
+                                 PostgreSQL stops with an error unless WAL archived later holds \
+                                 one"
+                            )),
+                        }
                     }
                     Some(_) => warnings.push(format!(
                         "some segments were archived without summaries, so walkeep cannot tell \
@@ -645,6 +670,7 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
             timeline: path.target(),
             target: target.to_string(),
             recovery_target,
+            recovery_inclusive: inclusive,
             target_lsn,
             first_segment: path.segment(first, size).to_string(),
             last_segment: last_needed.to_string(),

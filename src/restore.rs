@@ -439,7 +439,7 @@ fn write_recovery_files(
     } else {
         set("recovery_target_timeline", &plan.timeline.to_string());
     }
-    if let Some(inclusive) = options.inclusive {
+    if let Some(inclusive) = plan.recovery_inclusive.or(options.inclusive) {
         set(
             "recovery_target_inclusive",
             if inclusive { "on" } else { "off" },

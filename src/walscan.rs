@@ -81,6 +81,10 @@ pub struct SegmentSummary {
     /// Restore points.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore_points: Vec<NamedPoint>,
+    /// Where the last record that ends in this segment starts: a position recovery can
+    /// stop at with every record before it replayed, using this segment and those before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record: Option<Lsn>,
     /// True if and only if the scan reached the end of the segment's records.
     pub complete: bool,
 }
@@ -287,13 +291,9 @@ impl Scanner {
     /// Handles a finished record and returns the aligned offset of the next one.
     fn end_record(&mut self, offset: usize) -> usize {
         let finished = std::mem::replace(&mut self.state, State::Between);
-        if let State::Body {
-            keep: Some(record),
-            start,
-            ..
-        } = finished
-        {
-            if self.record(&record, start) {
+        if let State::Body { keep, start, .. } = finished {
+            self.summary.last_record = Some(start);
+            if keep.is_some_and(|record| self.record(&record, start)) {
                 self.stop(true);
                 return self.page_size;
             }
@@ -538,6 +538,7 @@ mod tests {
             Lsn(0x1000000 + LONG_PAGE_HEADER as u64 + first_len)
         );
         assert_eq!(s.restore_points[0].time, pg_time(5_000_000).unwrap());
+        assert_eq!(s.last_record, Some(s.restore_points[0].lsn));
     }
 
     #[test]
@@ -570,6 +571,7 @@ mod tests {
         let s = scanner.finish();
         assert_eq!(s.xact_ends, 1);
         assert_eq!(s.newest_xid, Some(42));
+        assert_eq!(s.last_record, Some(Lsn(0x2000000 + (PAGE + at) as u64)));
         assert!(s.complete);
     }
 
@@ -580,7 +582,12 @@ mod tests {
         bytes[PAGE + 8..PAGE + 16].copy_from_slice(&0x9000000u64.to_le_bytes());
         let mut scanner = Scanner::new(Lsn(0x5000000), PAGE as u32, 15);
         scanner.feed(&bytes);
-        assert_eq!(scanner.finish().xact_ends, 1);
+        let s = scanner.finish();
+        assert_eq!(s.xact_ends, 1);
+        assert_eq!(
+            s.last_record,
+            Some(Lsn(0x5000000 + LONG_PAGE_HEADER as u64))
+        );
     }
 
     #[test]
