@@ -179,8 +179,8 @@ struct RestoreArgs {
     /// The new data directory. It must be empty or absent (see --force).
     #[arg(long, value_name = "DIR")]
     to: PathBuf,
-    /// Stop at this moment; it must carry a UTC offset or zone, e.g. "2026-12-03
-    /// 17:55:00+00".
+    /// Stop at this moment; it must carry a UTC offset ("+01", "-05:00", "Z") or say
+    /// "UTC", e.g. "2026-12-03 17:55:00+00".
     #[arg(long, group = "target_kind", value_name = "TIME")]
     target_time: Option<String>,
     /// Stop at this WAL position, e.g. 0/3000158.

@@ -247,6 +247,38 @@ impl WalArchive {
             .collect()
     }
 
+    /// A warning for each timeline on `path` that the repository holds WAL of after a
+    /// newer timeline branched from it: recovery along `path` leaves that WAL out. After a
+    /// failover it is what the old primary wrote before it stopped; it is also what a
+    /// server writes on after a restored copy of it was promoted with archiving on, when
+    /// the newest timeline, the copy's, is not the one wanted.
+    pub fn abandoned_branches(&self, path: &TimelinePath) -> Vec<String> {
+        path.steps
+            .windows(2)
+            .filter_map(|pair| {
+                let (older, newer) = (pair[0], pair[1]);
+                let branch = newer.begin.segment_number(self.segment_size);
+                let (_, last) = self
+                    .segments
+                    .range((older.timeline, branch + 1)..=(older.timeline, u64::MAX))
+                    .next_back()?;
+                Some(format!(
+                    "timeline {} went on after timeline {} branched from it at {}: the \
+                     repository holds its WAL up to {}, which recovery along timeline {} \
+                     leaves out; if timeline {} is not the server's (a restored copy that \
+                     archived, say), pass --target-timeline {}",
+                    older.timeline,
+                    newer.timeline,
+                    newer.begin,
+                    SegmentName::from_segno(older.timeline, *last, self.segment_size),
+                    path.target(),
+                    newer.timeline,
+                    older.timeline
+                ))
+            })
+            .collect()
+    }
+
     /// True if and only if some segment along `path` lies at or after `segno`.
     pub fn has_any_after(&self, path: &TimelinePath, segno: u64) -> Option<SegmentName> {
         self.segments
@@ -662,6 +694,9 @@ pub fn plan(repo: &Repository, request: &Request) -> Result<Plan> {
                     ));
                 }
             }
+        }
+        if request.timeline == TimelineChoice::Latest {
+            warnings.extend(archive.abandoned_branches(&path));
         }
 
         return Ok(Plan {

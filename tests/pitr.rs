@@ -604,6 +604,54 @@ fn time_target_with_no_later_commit_holds_when_later_wal_arrives() {
     );
 }
 
+/// A restored copy promoted with archiving on adds its timeline to the repository while
+/// the source goes on along the old one. A later restore follows the newest timeline, as
+/// PostgreSQL does, but must say that the old timeline went on past the branch and how to
+/// follow it instead; --target-timeline 1 then plans to the old timeline's end.
+#[test]
+fn a_timeline_that_went_on_after_a_newer_one_branched_is_named_in_the_plan() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    source.create_items();
+    source.commit_phase(0);
+    source.backup();
+    source.commit_phase(1);
+    source.switch_and_archive();
+
+    let to = scratch.path().join("copy");
+    let output = source.restore(&to, &["--target-action", "promote"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut copy = Cluster::from_existing(&scratch, &to);
+    copy.start(); // archiving on, into the source's repository
+    wait_for_promotion(&copy);
+    let on_timeline_2 = copy.psql("SELECT pg_walfile_name(pg_switch_wal())");
+    assert!(on_timeline_2.starts_with("00000002"), "{on_timeline_2}");
+    copy.wait_archived(&on_timeline_2, ARCHIVE_WAIT);
+    copy.stop();
+
+    source.commit_phase(2);
+    source.switch_and_archive();
+    source.commit_phase(3);
+    let last_on_timeline_1 = source.switch_and_archive();
+
+    let plan = source.plan(&[]);
+    assert_eq!(plan["timeline"], 2, "{plan:#}");
+    let warnings = plan["warnings"].to_string();
+    assert!(
+        warnings.contains("timeline 1 went on")
+            && warnings.contains(&last_on_timeline_1)
+            && warnings.contains("--target-timeline 1"),
+        "the plan along timeline 2 should warn that timeline 1 went on to \
+         {last_on_timeline_1}: {plan:#}"
+    );
+    let plan = source.plan(&["--target-timeline", "1"]);
+    assert_eq!(plan["timeline"], 1, "{plan:#}");
+    assert!(
+        !plan["warnings"].to_string().contains("went on"),
+        "{plan:#}"
+    );
+}
+
 /// A source whose repository lacks one WAL segment between its backup and the targets.
 struct WalGap {
     source: Source,
