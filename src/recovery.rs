@@ -732,7 +732,8 @@ pub struct Window {
     pub earliest_time: DateTime<Utc>,
     /// Where the contiguous archive ends.
     pub latest_lsn: Lsn,
-    /// When PostgreSQL last wrote the last contiguous segment, if known.
+    /// When PostgreSQL last wrote the last contiguous segment, if known (never before
+    /// `earliest_time`).
     pub latest_time: Option<DateTime<Utc>>,
 }
 
@@ -774,7 +775,11 @@ pub fn windows(repo: &Repository) -> Result<Vec<Window>> {
                 earliest_lsn: earliest,
                 earliest_time: backup.stop_time,
                 latest_lsn: Lsn(missing * size),
-                latest_time: archive.last_written(repo, &last)?,
+                // The file's last write can precede the backup's stop time by moments
+                // when the backup's own last segment ends the window.
+                latest_time: archive
+                    .last_written(repo, &last)?
+                    .map(|t| t.max(backup.stop_time)),
             });
         }
     }

@@ -786,6 +786,31 @@ fn time_target_before_a_wal_gap_is_reached() {
     assert_eq!(&restored.psql(ITEMS_STATE_SQL), expected);
 }
 
+/// Regression: a window that ends at the backup's own last segment was shown ending
+/// before it began, that segment having been last written moments before the backup's
+/// stop time was read.
+#[test]
+fn a_recovery_window_never_ends_before_it_begins() {
+    let scratch = Scratch::new();
+    let source = Source::start(&scratch, "source");
+    source.create_items();
+    let backup = source.backup();
+
+    let output = run_ok(walkeep("info", &source.repo).arg("--json"));
+    let info: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let windows = info["recovery_windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 1, "{info:#}");
+    let time = |name: &str| {
+        windows[0][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("window has no {name}: {info:#}"))
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+    };
+    assert_eq!(time("earliest_time"), backup.stop_time, "{info:#}");
+    assert!(time("latest_time") >= time("earliest_time"), "{info:#}");
+}
+
 /// A gap after the older backup's end and before the newer backup's start leaves two
 /// recovery windows; `info` must not join them into one that promises the moments between.
 #[test]
