@@ -2,9 +2,10 @@
 //!
 //! The invariant: [`archive_file`] returns `Ok` only when an object holding exactly the
 //! offered bytes is durable in the repository under the file's name. Before anything is
-//! written the file is checked: its name must be a WAL name, and a segment's header must
-//! belong to the repository's cluster, timeline and position. An existing object is never
-//! replaced by different bytes; offering identical bytes again succeeds without rewriting.
+//! written the file is checked: its name must be a WAL name, a segment's header must
+//! belong to the repository's cluster, timeline and position, and a timeline history file
+//! must parse as one. An existing object is never replaced by different bytes; offering
+//! identical bytes again succeeds without rewriting.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -18,6 +19,7 @@ use crate::exit;
 use crate::object::{self, Compression, ObjectMeta, WalMeta};
 use crate::repo::{self, Repository};
 use crate::storage::{Commit, Committed};
+use crate::timeline::TimelinePath;
 use crate::wal::{self, LongPageHeader, SegmentName, WalFileName};
 use crate::walscan::Scanner;
 
@@ -284,13 +286,19 @@ fn check_content(
             let mut text = String::new();
             file.read_to_string(&mut text)
                 .with_context(|| format!("{name} is not a text file"))?;
-            let expected_start = match name {
-                WalFileName::BackupHistory(..) => Some("START WAL LOCATION:"),
-                _ => None,
-            };
-            if let Some(start) = expected_start {
-                if !text.starts_with(start) {
-                    bail!("{name} does not look like a backup history file (no {start:?})");
+            match name {
+                // Every reader of the repository follows timelines through these, and a
+                // stored object is never replaced by other bytes: one that does not parse
+                // would stop info, status and restore for good.
+                WalFileName::History(timeline) => {
+                    TimelinePath::parse(*timeline, &text)
+                        .with_context(|| format!("refusing {name}"))?;
+                }
+                _ => {
+                    let start = "START WAL LOCATION:";
+                    if !text.starts_with(start) {
+                        bail!("{name} does not look like a backup history file (no {start:?})");
+                    }
                 }
             }
             Ok(None)

@@ -219,10 +219,7 @@ impl WalArchive {
             .with_context(|| format!("{key} vanished"))?;
         let mut text = Vec::new();
         object::decode(reader, &key, &mut text)?;
-        TimelinePath::parse(
-            timeline,
-            std::str::from_utf8(&text).context("history file is not UTF-8")?,
-        )
+        TimelinePath::parse_bytes(timeline, &text)
     }
 
     /// Walks the path from `from` (a position) and returns the first segment number that

@@ -13,6 +13,20 @@
 //! timeline that had begun by that segment: the segment in which a timeline begins is
 //! read from the new timeline, whose copy holds the old timeline's records up to the
 //! switch and the new timeline's records after it.
+//!
+//! A history file is valid, as PostgreSQL reads it, when every line other than blanks
+//! and `#` comments starts with a timeline and an LSN, and the timelines rise and stay
+//! below the file's own. Timeline 1 has no history file and every other one lists at
+//! least its parent, since PostgreSQL writes the file by copying the parent's and adding
+//! a line. The switch points need not rise: a recovery that follows timeline 2 but stops
+//! on timeline 1 before timeline 2 began writes a timeline 3 whose history goes back,
+//!
+//! ```text
+//! 1    0/40000D0    after LSN 0/4000090
+//! 2    0/4000000    after LSN 0/3000090
+//! ```
+//!
+//! and PostgreSQL reads it as timeline 3 from 0/4000000 on, timeline 2 nowhere.
 
 use anyhow::{bail, Context, Result};
 
@@ -47,7 +61,15 @@ impl TimelinePath {
     }
 
     /// Parses the history file of `timeline`.
+    ///
+    /// # Errors
+    ///
+    /// A line that does not start with a timeline and an LSN, timelines that do not rise
+    /// or reach `timeline`, a file that names no parent, or any file for timeline 1.
     pub fn parse(timeline: u32, text: &str) -> Result<TimelinePath> {
+        if timeline <= 1 {
+            bail!("timeline {timeline} has no history file: it branched from no other");
+        }
         let mut steps = Vec::new();
         let mut begin = Lsn(0);
         for (i, line) in text.lines().enumerate() {
@@ -67,9 +89,11 @@ impl TimelinePath {
                     i + 1
                 )
             })?;
-            if tli >= timeline || steps.last().is_some_and(|s: &Step| s.timeline >= tli) {
+            let after = steps.last().map_or(0, |s: &Step| s.timeline);
+            if tli <= after || tli >= timeline {
                 bail!(
-                    "history of timeline {timeline}: timelines out of order at line {}",
+                    "history of timeline {timeline}, line {}: timeline {tli} is out of order \
+                     (expected above {after} and below {timeline})",
                     i + 1
                 );
             }
@@ -79,8 +103,18 @@ impl TimelinePath {
             });
             begin = end;
         }
+        if steps.is_empty() {
+            bail!("history of timeline {timeline} names no parent timeline");
+        }
         steps.push(Step { timeline, begin });
         Ok(TimelinePath { steps })
+    }
+
+    /// Parses the history file of `timeline` from its bytes, which must be UTF-8.
+    pub fn parse_bytes(timeline: u32, bytes: &[u8]) -> Result<TimelinePath> {
+        let text = std::str::from_utf8(bytes)
+            .with_context(|| format!("history of timeline {timeline} is not UTF-8 text"))?;
+        TimelinePath::parse(timeline, text)
     }
 
     /// The timeline this path leads to.
@@ -150,9 +184,95 @@ mod tests {
 
     #[test]
     fn rejects_malformed_history() {
-        assert!(TimelinePath::parse(2, "1\tnot-an-lsn\n").is_err());
-        assert!(TimelinePath::parse(2, "3\t0/1\tx\n").is_err());
-        assert!(TimelinePath::parse(3, "2\t0/1\tx\n1\t0/2\ty\n").is_err());
+        let cases: &[(u32, &str, &str)] = &[
+            (5, "garbage\n", "line 1: cannot parse \"garbage\""),
+            (2, "1\tnot-an-lsn\n", "cannot parse"),
+            (2, "1\n", "cannot parse"),
+            (2, "# comment only\n\n", "names no parent"),
+            (2, "", "names no parent"),
+            (1, "", "timeline 1 has no history file"),
+            (1, "0\t0/1\tx\n", "timeline 1 has no history file"),
+            (2, "3\t0/1\tx\n", "line 1: timeline 3 is out of order"),
+            (2, "2\t0/1\tx\n", "line 1: timeline 2 is out of order"),
+            (2, "0\t0/1\tx\n", "line 1: timeline 0 is out of order"),
+            (
+                3,
+                "2\t0/1\tx\n1\t0/2\ty\n",
+                "line 2: timeline 1 is out of order",
+            ),
+            (
+                3,
+                "1\t0/1\tx\n1\t0/2\ty\n",
+                "line 2: timeline 1 is out of order",
+            ),
+        ];
+        for (timeline, text, expected) in cases {
+            let err = match TimelinePath::parse(*timeline, text) {
+                Ok(path) => panic!("timeline {timeline}, {text:?}: parsed as {path:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(expected),
+                "timeline {timeline}, {text:?}: {err:?} should contain {expected:?}"
+            );
+        }
+        let err = TimelinePath::parse_bytes(2, b"1\t0/1\t\xff\n").unwrap_err();
+        assert!(format!("{err:#}").contains("not UTF-8"), "{err:#}");
+    }
+
+    #[test]
+    fn accepts_what_postgresql_writes() {
+        // (timeline, history file, its path as (timeline, where it begins))
+        type Case = (u32, &'static str, &'static [(u32, &'static str)]);
+        let cases: &[Case] = &[
+            // A promotion; the reason is optional to the parser, as to PostgreSQL.
+            (
+                2,
+                "1\t0/3000158\tno recovery target specified\n",
+                &[(1, "0/0"), (2, "0/3000158")],
+            ),
+            (2, "1\t0/3000158\n", &[(1, "0/0"), (2, "0/3000158")]),
+            // Comments, blank lines and spaces.
+            (
+                4,
+                "# copied\n\n1 0/3000158 a\n  3\t1/0\tb\n",
+                &[(1, "0/0"), (3, "0/3000158"), (4, "1/0")],
+            ),
+            // Written by PostgreSQL 15: recovery followed timeline 2 but stopped on timeline
+            // 1, before timeline 2 began.
+            (
+                3,
+                "1\t0/40000D0\tafter LSN 0/4000090\n\n2\t0/4000000\tafter LSN 0/3000090\n",
+                &[(1, "0/0"), (2, "0/40000D0"), (3, "0/4000000")],
+            ),
+        ];
+        for (timeline, text, expected) in cases {
+            let path = TimelinePath::parse(*timeline, text)
+                .unwrap_or_else(|e| panic!("timeline {timeline}, {text:?}: {e:#}"));
+            let expected: Vec<Step> = expected
+                .iter()
+                .map(|(timeline, begin)| Step {
+                    timeline: *timeline,
+                    begin: begin.parse().unwrap(),
+                })
+                .collect();
+            assert_eq!(path.steps, expected, "timeline {timeline}, {text:?}");
+        }
+    }
+
+    #[test]
+    fn a_timeline_that_never_began_holds_no_segment() {
+        let text = "1\t0/40000D0\tafter LSN 0/4000090\n2\t0/4000000\tafter LSN 0/3000090\n";
+        let path = TimelinePath::parse(3, text).unwrap();
+        assert_eq!(
+            path.segment(3, MB16).to_string(),
+            "000000010000000000000003"
+        );
+        assert_eq!(
+            path.segment(4, MB16).to_string(),
+            "000000030000000000000004"
+        );
+        assert!(!path.contains_at(2, "0/4000050".parse().unwrap()));
     }
 
     #[test]

@@ -721,6 +721,70 @@ fn history_file_round_trips_and_different_content_is_refused() {
     );
 }
 
+/// Regression: `walkeep-archive` stores any bytes offered as a timeline history file, and
+/// `00000001.history` too, though timeline 1 has none. Since a stored object is never
+/// replaced by other bytes, a history file that does not parse makes `info`, `status` and
+/// `restore` fail for good ("history of timeline 5, line 1: cannot parse \"garbage\"").
+#[test]
+fn history_file_that_does_not_parse_is_refused_and_nothing_is_stored() {
+    let scratch = Scratch::new();
+    let repo = init_repo(&scratch);
+    let cases = [
+        (
+            "00000005.history",
+            "garbage\n",
+            "history of timeline 5, line 1: cannot parse \"garbage\"",
+        ),
+        ("00000002.history", "", "names no parent timeline"),
+        (
+            "00000002.history",
+            "# only a comment\n\n",
+            "names no parent timeline",
+        ),
+        (
+            "00000001.history",
+            HISTORY_TEXT,
+            "timeline 1 has no history file",
+        ),
+        (
+            "00000003.history",
+            "2\t0/3000158\tx\n1\t0/4000000\ty\n",
+            "line 2: timeline 1 is out of order",
+        ),
+        (
+            "00000002.history",
+            "2\t0/3000158\tx\n",
+            "line 1: timeline 2 is out of order",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let what = format!("archive of {name} holding {text:?}");
+        let path = offer(&scratch, "pg_wal", name, text.as_bytes());
+        let snapshot = tree(&repo);
+        let output = archive(&repo, &path, name);
+        expect_status(&output, ARCHIVE_FAILED, &what);
+        let message = stderr(&output);
+        assert!(
+            message.contains(&format!("refusing {name}")) && message.contains(expected),
+            "{what}: stderr should name {name} and say {expected:?}\n--- stderr\n{message}"
+        );
+        assert_eq!(tree(&repo), snapshot, "{what}: the repository changed");
+    }
+    assert_eq!(stored_objects(&repo), Vec::<PathBuf>::new());
+
+    // PostgreSQL 15 wrote this on ending a recovery that followed timeline 2 but stopped on
+    // timeline 1, before timeline 2 began: the switch points go back, and it is valid.
+    let name = "00000003.history";
+    let text = "1\t0/40000D0\tafter LSN 0/4000090\n\n2\t0/4000000\tafter LSN 0/3000090\n";
+    let path = offer(&scratch, "pg_wal", name, text.as_bytes());
+    expect_status(
+        &archive(&repo, &path, name),
+        0,
+        "archive of a real history file",
+    );
+    assert_eq!(restored_bytes(&scratch, &repo, name), text.as_bytes());
+}
+
 #[test]
 fn two_archivers_racing_on_one_segment_both_succeed_and_store_one_object() {
     let fx = fixture();
