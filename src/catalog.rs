@@ -7,7 +7,9 @@
 //! objects. A record may therefore be missing (a process killed between storing the object
 //! and appending the record) or repeated (a segment archived twice); readers fold records
 //! by name, the newest winning, and commands that must be exact (verify, expire) rebuild
-//! or list instead of trusting the index.
+//! or list instead of trusting the index. A record that cannot be read at all (torn by a
+//! crash mid-append, or damaged) is skipped by readers and reported by `walkeep verify`;
+//! a rebuild drops it.
 
 use std::collections::BTreeMap;
 
@@ -91,10 +93,29 @@ pub fn append(repo: &Repository, record: &WalRecord) -> Result<()> {
         .context("failed to record the file in the catalog")
 }
 
-/// Reads the catalog, folded by file name. Records this version cannot read (torn by a
-/// crash, or written by a newer walkeep) are skipped with a warning.
-pub fn load(repo: &Repository) -> Result<BTreeMap<String, WalRecord>> {
-    let mut records = BTreeMap::new();
+/// A catalog record that could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Its place in the log, counting from 1.
+    pub record: usize,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// The catalog as read.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// Records folded by file name, the newest winning.
+    pub records: BTreeMap<String, WalRecord>,
+    /// Records that are not valid JSON records: torn by a crash, or damaged. `walkeep
+    /// catalog rebuild` drops them.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// Reads the catalog, folded by file name, keeping apart the records it cannot read.
+/// Records of another version (written by a newer walkeep) are skipped with a warning.
+pub fn read(repo: &Repository) -> Result<Contents> {
+    let mut contents = Contents::default();
     for (i, raw) in repo
         .storage()
         .read_records(WAL_LOG)?
@@ -103,15 +124,32 @@ pub fn load(repo: &Repository) -> Result<BTreeMap<String, WalRecord>> {
     {
         match serde_json::from_slice::<WalRecord>(&raw) {
             Ok(record) if record.v == RECORD_VERSION => {
-                records.insert(record.name.clone(), record);
+                contents.records.insert(record.name.clone(), record);
             }
             Ok(record) => {
                 tracing::warn!("catalog record {} has version {}; skipped", i + 1, record.v)
             }
-            Err(e) => tracing::warn!("catalog record {} is unreadable ({e}); skipped", i + 1),
+            Err(e) => contents.unreadable.push(Unreadable {
+                record: i + 1,
+                error: e.to_string(),
+            }),
         }
     }
-    Ok(records)
+    Ok(contents)
+}
+
+/// Reads the catalog, folded by file name. Records this version cannot read (torn by a
+/// crash, or written by a newer walkeep) are skipped with a warning.
+pub fn load(repo: &Repository) -> Result<BTreeMap<String, WalRecord>> {
+    let contents = read(repo)?;
+    for unreadable in &contents.unreadable {
+        tracing::warn!(
+            "catalog record {} is unreadable ({}); skipped",
+            unreadable.record,
+            unreadable.error
+        );
+    }
+    Ok(contents.records)
 }
 
 /// What a rebuild found.

@@ -162,8 +162,16 @@ pub struct WalArchive {
 }
 
 impl WalArchive {
-    /// Lists the repository's WAL.
+    /// Lists the repository's WAL and reads the catalog.
     pub fn load(repo: &Repository) -> Result<WalArchive> {
+        WalArchive::load_with(repo, catalog::load(repo)?)
+    }
+
+    /// Lists the repository's WAL, given the catalog's records.
+    pub fn load_with(
+        repo: &Repository,
+        records: BTreeMap<String, WalRecord>,
+    ) -> Result<WalArchive> {
         let size = repo.segment_size();
         let mut segments = BTreeSet::new();
         let mut histories = BTreeSet::new();
@@ -181,7 +189,7 @@ impl WalArchive {
         Ok(WalArchive {
             segments,
             histories,
-            records: catalog::load(repo)?,
+            records,
             segment_size: size,
         })
     }

@@ -5,7 +5,8 @@
 //!
 //! 1. Is every object intact? Each one is decompressed and its SHA-256 compared with its
 //!    trailer; WAL segments also get their page header checked against the repository's
-//!    cluster, and backup files against their manifest.
+//!    cluster, timeline history files must parse, and backup files must match their
+//!    manifest.
 //! 2. Is the WAL continuous? Along each timeline's history, every segment from the oldest
 //!    stored one to the newest must be present. A timeline switch inside a segment is not
 //!    a gap (the new timeline's copy of that segment is the one needed), and `.partial`
@@ -13,7 +14,10 @@
 //! 3. Is every backup restorable? Its manifest is readable, every file is present with the
 //!    recorded checksum, and the WAL from its start to its end is stored.
 //!
-//! Anything in the repository that fits none of the layout's shapes is reported as foreign.
+//! Anything in the repository that fits none of the layout's shapes is reported as foreign,
+//! and a catalog record that cannot be read as damage to the catalog: commands that read
+//! the catalog skip it, so what it recorded is lost to them until `walkeep catalog
+//! rebuild` regenerates the catalog from the objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
@@ -22,6 +26,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::backup::progress_bar;
+use crate::catalog::{self, WalRecord};
 use crate::lsn::Lsn;
 use crate::manifest::{self, Manifest};
 use crate::object;
@@ -77,7 +82,8 @@ pub struct Report {
     pub objects_checked: usize,
     /// Original bytes checked.
     pub bytes_checked: u64,
-    /// Objects that failed a check.
+    /// Objects that failed a check, and each unreadable record of the catalog (under the
+    /// catalog's key, [`catalog::WAL_LOG`]).
     pub damaged: Vec<Problem>,
     /// Keys that do not belong in a repository.
     pub foreign: Vec<String>,
@@ -105,14 +111,19 @@ impl Report {
     }
 }
 
-/// Keeps the first bytes written through it and discards the rest.
+/// The most of a timeline history file that is read; `walkeep-archive` refuses larger
+/// ones, and a real one holds a line per ancestor timeline.
+const HISTORY_LIMIT: usize = 16 << 20;
+
+/// Keeps the first `limit` bytes written through it and discards the rest.
 struct Head {
     bytes: Vec<u8>,
+    limit: usize,
 }
 
 impl Write for Head {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = wal::LONG_PAGE_HEADER_SIZE.saturating_sub(self.bytes.len());
+        let room = self.limit.saturating_sub(self.bytes.len());
         self.bytes.extend_from_slice(&buf[..room.min(buf.len())]);
         Ok(buf.len())
     }
@@ -231,7 +242,19 @@ pub fn run(repo: &Repository, jobs: usize, progress: bool) -> Result<Report> {
     report.damaged.sort();
     report.foreign.sort();
 
-    check_continuity(repo, &manifests, &mut report)?;
+    let catalog = catalog::read(repo)?;
+    for unreadable in &catalog.unreadable {
+        report.damaged.push(Problem {
+            key: catalog::WAL_LOG.to_string(),
+            detail: format!(
+                "record {} is unreadable ({}); run `walkeep catalog rebuild` to regenerate \
+                 the catalog from the objects",
+                unreadable.record, unreadable.error
+            ),
+        });
+    }
+
+    check_continuity(repo, &manifests, catalog.records, &mut report)?;
     Ok(report)
 }
 
@@ -250,17 +273,32 @@ fn check_object(repo: &Repository, key: &str, expect: &Expect) -> Result<u64, St
         Ok(None) => return Err("vanished during verification".into()),
         Err(e) => return Err(format!("{e:#}")),
     };
-    let mut head = Head { bytes: Vec::new() };
+    let limit = match expect {
+        Expect::Wal(WalFileName::History(_)) => HISTORY_LIMIT,
+        _ => wal::LONG_PAGE_HEADER_SIZE,
+    };
+    let mut head = Head {
+        bytes: Vec::new(),
+        limit,
+    };
     let meta = object::decode(reader, key, &mut head).map_err(|e| format!("{e:#}"))?;
     match expect {
         Expect::Wal(name) => {
             if meta.name != name.to_string() {
                 return Err(format!("holds {:?}, not {name}", meta.name));
             }
-            if let WalFileName::Segment(segment) | WalFileName::Partial(segment) = name {
-                LongPageHeader::parse(&head.bytes)
-                    .and_then(|h| h.check_segment(segment, &repo.identity().expectation()))
-                    .map_err(|e| e.to_string())?;
+            match name {
+                WalFileName::Segment(segment) | WalFileName::Partial(segment) => {
+                    LongPageHeader::parse(&head.bytes)
+                        .and_then(|h| h.check_segment(segment, &repo.identity().expectation()))
+                        .map_err(|e| e.to_string())?;
+                }
+                // Intact as stored, yet useless: no timeline can be followed through it.
+                WalFileName::History(timeline) => {
+                    TimelinePath::parse_bytes(*timeline, &head.bytes)
+                        .map_err(|e| format!("not a valid timeline history: {e:#}"))?;
+                }
+                WalFileName::BackupHistory(..) => {}
             }
         }
         Expect::BackupFile { sha256, size } => {
@@ -276,8 +314,13 @@ fn check_object(repo: &Repository, key: &str, expect: &Expect) -> Result<u64, St
 }
 
 /// Finds gaps along every timeline and the backups they break.
-fn check_continuity(repo: &Repository, manifests: &[Manifest], report: &mut Report) -> Result<()> {
-    let archive = WalArchive::load(repo)?;
+fn check_continuity(
+    repo: &Repository,
+    manifests: &[Manifest],
+    records: BTreeMap<String, WalRecord>,
+    report: &mut Report,
+) -> Result<()> {
+    let archive = WalArchive::load_with(repo, records)?;
     let size = archive.segment_size();
     let histories: BTreeSet<u32> = archive.history_timelines().collect();
     for timeline in archive.timelines() {
@@ -294,7 +337,10 @@ fn check_continuity(repo: &Repository, manifests: &[Manifest], report: &mut Repo
             Err(e) => {
                 // A damaged history file is already listed as damaged; follow the timeline
                 // alone rather than not at all.
-                tracing::warn!("history of timeline {timeline} unreadable ({e:#})");
+                tracing::warn!(
+                    "history of timeline {timeline} unreadable ({e:#}); following the \
+                     timeline alone"
+                );
                 TimelinePath::single(timeline)
             }
         };

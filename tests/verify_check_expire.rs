@@ -669,6 +669,75 @@ fn verify_lists_stray_files_as_foreign() {
     assert_eq!(report["gaps"], Value::Array(vec![]), "{report:#}");
 }
 
+/// Regression: records appended to `catalog/wal.jsonl` that cannot be read (a garbage line,
+/// a record cut short) are only logged, "WARN catalog record N is unreadable; skipped",
+/// and `verify` says "repository is whole" and exits 0, though every command that reads
+/// the catalog has lost what they recorded.
+#[test]
+fn verify_reports_unreadable_catalog_records_until_the_catalog_is_rebuilt() {
+    let image = image();
+    for cut_short in [false, true] {
+        let what = if cut_short {
+            "the last record cut short"
+        } else {
+            "a garbage line appended"
+        };
+        let scratch = Scratch::new();
+        let repo = image.copy(&scratch);
+        let catalog = repo.join("catalog/wal.jsonl");
+        let mut bytes = fs::read(&catalog).unwrap();
+        let records = bytes.iter().filter(|b| **b == b'\n').count();
+        // The record that cannot be read, counting from 1.
+        let bad = if cut_short {
+            bytes.truncate(bytes.len() - 20);
+            records
+        } else {
+            bytes.extend_from_slice(b"garbage\n");
+            records + 1
+        };
+        fs::write(&catalog, &bytes).unwrap();
+
+        let (whole, report) = verify(&repo);
+        assert!(!whole, "{what}: verify passed\n{report:#}");
+        let damaged = array(&report["damaged"]);
+        assert_eq!(damaged.len(), 1, "{what}\n{report:#}");
+        assert_eq!(field(&damaged[0], "key"), "catalog/wal.jsonl");
+        let detail = field(&damaged[0], "detail");
+        assert!(
+            detail.contains(&format!("record {bad} is unreadable"))
+                && detail.contains("walkeep catalog rebuild"),
+            "{what}: {detail:?}"
+        );
+        // Nothing else is blamed.
+        assert_eq!(report["gaps"], Value::Array(vec![]), "{what}\n{report:#}");
+        assert_eq!(
+            report["foreign"],
+            Value::Array(vec![]),
+            "{what}\n{report:#}"
+        );
+
+        let output = run(&mut walkeep("verify", &repo));
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{what}: verify's exit status"
+        );
+        let stdout = text(&output.stdout);
+        assert!(
+            stdout.contains(&format!(
+                "DAMAGED  catalog/wal.jsonl: record {bad} is unreadable"
+            )) && stdout.contains("REPOSITORY IS NOT WHOLE"),
+            "{what}\n--- stdout\n{stdout}"
+        );
+
+        // The advice works.
+        let mut rebuild = walkeep_command("walkeep", Path::new("/dev/null"));
+        run_ok(rebuild.args(["catalog", "rebuild", "--repo"]).arg(&repo));
+        let (whole, report) = verify(&repo);
+        assert_whole(whole, &report, &format!("{what}, then the catalog rebuilt"));
+    }
+}
+
 /// A repository that holds two timelines, and what it holds.
 struct Timelines {
     files: Snapshot,
@@ -821,6 +890,60 @@ fn verify_reports_a_missing_history_file_of_a_timeline_with_segments() {
     assert!(
         report.to_string().contains("00000002.history"),
         "the report should name 00000002.history\n{report:#}"
+    );
+}
+
+/// Regression: a stored `00000002.history` whose bytes decode intact but do not parse as a
+/// timeline history makes `info`, `status` and `restore` fail ("history of timeline 2,
+/// line 1: cannot parse"), yet `verify` only logs "WARN history of timeline 2 unreadable",
+/// says "repository is whole" and exits 0.
+#[test]
+fn verify_reports_a_history_file_that_does_not_parse_and_checks_the_rest() {
+    let scratch = Scratch::new();
+    let timelines = timelines();
+    let repo = timelines.files.copy(&scratch);
+    let (_, intact) = verify(&repo);
+    // `walkeep-archive` refuses such a file now, so the object is written directly.
+    let name = "00000002.history";
+    let object = object_path(&repo, name);
+    let mut stored = Vec::new();
+    walkeep::object::encode(&b"garbage\n"[..], &mut stored, 1, name, None).unwrap();
+    fs::write(&object, &stored).unwrap();
+
+    let (whole, report) = verify(&repo);
+    assert!(
+        !whole,
+        "verify passed an unparseable history file\n{report:#}"
+    );
+    let damaged = array(&report["damaged"]);
+    assert_eq!(damaged.len(), 1, "{report:#}");
+    assert_eq!(
+        field(&damaged[0], "key"),
+        "wal/history/00000002.history.zst"
+    );
+    let detail = field(&damaged[0], "detail");
+    assert!(
+        detail.contains("history of timeline 2, line 1: cannot parse \"garbage\""),
+        "{detail:?}"
+    );
+    // Everything else is still checked, and nothing else is blamed.
+    assert_eq!(
+        report["objects_checked"], intact["objects_checked"],
+        "{report:#}"
+    );
+    assert_eq!(report["gaps"], Value::Array(vec![]), "{report:#}");
+    assert_eq!(report["foreign"], Value::Array(vec![]), "{report:#}");
+    for backup in array(&report["backups"]) {
+        assert_eq!(backup["problems"], Value::Array(vec![]), "{report:#}");
+    }
+
+    let output = run(&mut walkeep("verify", &repo));
+    assert_eq!(output.status.code(), Some(1), "verify's exit status");
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("DAMAGED  wal/history/00000002.history.zst: not a valid timeline history")
+            && stdout.contains("REPOSITORY IS NOT WHOLE"),
+        "--- stdout\n{stdout}"
     );
 }
 

@@ -99,6 +99,42 @@ impl LocalStorage {
             }
         }
     }
+
+    /// Opens the record log for reading under a shared lock, which waits out an append in
+    /// progress (appends hold the exclusive lock while they write), and checks that the
+    /// locked file is still the one under the name. `None` if there is no log.
+    fn open_log_shared(&self, path: &Path) -> Result<Option<File>> {
+        loop {
+            let file = match File::open(path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("failed to open {}", path.display()))
+                }
+            };
+            FileExt::lock_shared(&file)
+                .with_context(|| format!("failed to lock {}", path.display()))?;
+            let current = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+            let locked = file.metadata()?;
+            if current == Some((locked.dev(), locked.ino())) {
+                return Ok(Some(file));
+            }
+        }
+    }
+}
+
+/// The non-empty lines of a record log, read from its start.
+fn read_lines(mut file: &File, path: &Path) -> Result<Vec<Vec<u8>>> {
+    file.seek(SeekFrom::Start(0))
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let mut records = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.with_context(|| format!("failed to read {}", path.display()))?;
+        if !line.is_empty() {
+            records.push(line);
+        }
+    }
+    Ok(records)
 }
 
 struct LocalWriter {
@@ -305,19 +341,10 @@ impl Storage for LocalStorage {
 
     fn read_records(&self, log: &str) -> Result<Vec<Vec<u8>>> {
         let path = self.path(log)?;
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("failed to open {}", path.display())),
-        };
-        let mut records = Vec::new();
-        for line in BufReader::new(file).split(b'\n') {
-            let line = line.with_context(|| format!("failed to read {}", path.display()))?;
-            if !line.is_empty() {
-                records.push(line);
-            }
+        match self.open_log_shared(&path)? {
+            Some(file) => read_lines(&file, &path),
+            None => Ok(Vec::new()),
         }
-        Ok(records)
     }
 
     fn rewrite_records(&self, log: &str, edit: &mut RecordEdit<'_>) -> Result<()> {
@@ -325,8 +352,8 @@ impl Storage for LocalStorage {
         durable::create_dir_all(path.parent().expect("keys have a parent"))?;
         // Hold the log's lock from the read to the rename, so no append slips in between.
         // Appenders waiting on the old file notice the replacement and retry on the new one.
-        let _guard = self.open_log_locked(&path)?;
-        let records = edit(self.read_records(log)?)?;
+        let locked = self.open_log_locked(&path)?;
+        let records = edit(read_lines(&locked, &path)?)?;
         let mut content = Vec::new();
         for record in &records {
             content.extend_from_slice(record);
@@ -486,6 +513,30 @@ mod tests {
         assert_eq!(
             s.read_records("log/c").unwrap(),
             vec![b"{\"b\":2}".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_record_being_appended_is_read_whole_or_not_at_all() {
+        let (dir, s) = storage();
+        s.append_record("log/c", b"{\"a\":1}").unwrap();
+        // An appender midway: it holds the lock and has written half of its record.
+        let mut appender = s.open_log_locked(&dir.path().join("log/c")).unwrap();
+        appender.write_all(b"{\"b\":").unwrap();
+        let reader = std::thread::spawn({
+            let s = s.clone();
+            move || s.read_records("log/c").unwrap()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !reader.is_finished(),
+            "the read did not wait for the append"
+        );
+        appender.write_all(b"2}\n").unwrap();
+        drop(appender);
+        assert_eq!(
+            reader.join().unwrap(),
+            vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]
         );
     }
 }
