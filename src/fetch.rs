@@ -3,8 +3,7 @@
 //! The invariant: [`restore_file`] returns [`Fetched::Restored`] only when the complete
 //! file, decompressed and checked against its SHA-256 (and, for segments, its header
 //! against the repository's cluster), is at the destination path. It returns
-//! [`Fetched::Absent`] only when the repository is readable and holds no such file (nor
-//! lost it from the middle of the archive); every
+//! [`Fetched::Absent`] only when the repository is readable and holds no such file; every
 //! other outcome is an error, which the binary reports as fatal so that PostgreSQL does
 //! not end recovery early.
 //!
@@ -18,13 +17,12 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::catalog;
 use crate::durable::{self, TempFile};
 use crate::expire;
 use crate::object::{self, ObjectMeta};
 use crate::repo::{self, Repository};
 use crate::storage::ObjectRead;
-use crate::wal::{self, LongPageHeader, SegmentName, WalFileName};
+use crate::wal::{self, LongPageHeader, WalFileName};
 
 /// How a restore call ended.
 #[derive(Debug)]
@@ -52,9 +50,8 @@ pub struct Found {
 }
 
 /// Opens WAL file `name` in the repository; `None` if and only if the repository is
-/// readable and holds no such file, `walkeep expire` did not delete it (a file below the
-/// expiry horizon is an error: the recovery asking for it cannot be completed) and it was
-/// not lost from the middle of the archive.
+/// readable and holds no such file, and `walkeep expire` did not delete it (a file below
+/// the expiry horizon is an error: the recovery asking for it cannot be completed).
 pub fn find(repo: &Repository, name: &str) -> Result<Option<Found>> {
     let wal_name: WalFileName = name.parse()?;
     let key = repo::wal_key(&wal_name);
@@ -80,40 +77,7 @@ pub fn find(repo: &Repository, name: &str) -> Result<Option<Found>> {
             }
         }
     }
-    if let WalFileName::Segment(s) = &wal_name {
-        check_not_lost(repo, name, s)?;
-    }
     Ok(None)
-}
-
-/// Fails if segment `name`, absent from the repository, was archived and then lost: the
-/// catalog records it and the repository holds the segment after it. Answering "absent"
-/// would let PostgreSQL end recovery at the hole and promote, without the WAL after it.
-///
-/// The next segment is looked up first, so the usual probe past the end of the archive
-/// costs one more lookup and never reads the catalog. A segment whose successor was pushed
-/// ahead of it (archive read-ahead stores several at once) is not in the catalog until it
-/// is stored, so it is reported absent, as it is.
-fn check_not_lost(repo: &Repository, name: &str, segment: &SegmentName) -> Result<()> {
-    let size = repo.segment_size();
-    let next = SegmentName::from_segno(segment.timeline, segment.segno(size)? + 1, size);
-    if repo
-        .storage()
-        .size(&repo::wal_key(&WalFileName::Segment(next)))?
-        .is_none()
-    {
-        return Ok(());
-    }
-    if let Some(record) = catalog::load(repo)?.get(name) {
-        bail!(
-            "{name} is missing from the repository although it was archived ({}, SHA-256 \
-             {}) and the segment after it, {next}, is stored: WAL has been lost, and \
-             recovery cannot go past it; run walkeep verify",
-            record.archived_at,
-            record.sha256
-        );
-    }
-    Ok(())
 }
 
 /// Restores a found file to `dest`, with the guarantees of [`restore_file`].

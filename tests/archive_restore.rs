@@ -1145,52 +1145,6 @@ fn missing_segment_or_history_file_is_absent_quickly_and_quietly() {
     }
 }
 
-/// A segment that was archived and then lost from the middle of the archive is not
-/// "absent": PostgreSQL would end recovery at the hole and promote without the WAL after
-/// it. A segment never archived while a later one is (as when read-ahead pushes ahead of
-/// it) is still absent.
-#[test]
-fn segment_lost_from_the_middle_of_the_archive_is_fatal_not_absent() {
-    let fx = fixture();
-    let scratch = Scratch::new();
-    let repo = init_repo(&scratch);
-    for i in [0, 1, 3] {
-        let (name, bytes) = fx.segment(i);
-        let path = offer(&scratch, "pg_wal", name, bytes);
-        expect_status(
-            &archive(&repo, &path, name),
-            0,
-            &format!("archive of {name}"),
-        );
-    }
-    let (lost, _) = fx.segment(0);
-    let object = object_path(&repo, lost);
-    fs::remove_file(&object).unwrap();
-
-    let dest = scratch.dir("restored").join("RECOVERYXLOG");
-    let output = restore(&repo, lost, &dest);
-    expect_status(&output, RESTORE_FATAL, &format!("restore of lost {lost}"));
-    let message = stderr(&output);
-    let (next, _) = fx.segment(1);
-    assert!(
-        message.contains(lost) && message.contains("archived") && message.contains(next),
-        "the error should name the lost segment, say it was archived and name the next \
-         one:\n{message}"
-    );
-    assert!(!dest.exists());
-
-    // Segment 2 was never archived though segment 3 was; the one after 3 never was either.
-    let (never_archived, _) = fx.segment(2);
-    let (last, _) = fx.segment(3);
-    let segno = u64::from_str_radix(&last[16..], 16).unwrap() + 1;
-    let past_the_end = format!("{}{segno:08X}", &last[..16]);
-    for name in [never_archived, &past_the_end] {
-        let output = restore(&repo, name, &dest);
-        expect_status(&output, RESTORE_ABSENT, &format!("restore of {name}"));
-        assert!(!dest.exists());
-    }
-}
-
 #[test]
 fn restore_from_missing_or_uninitialised_repository_is_fatal_unless_absent_on_a_standby() {
     let fx = fixture();
