@@ -92,9 +92,7 @@ impl LocalStorage {
             }
             FileExt::lock_exclusive(&file)
                 .with_context(|| format!("failed to lock {}", path.display()))?;
-            let current = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-            let locked = file.metadata()?;
-            if current == Some((locked.dev(), locked.ino())) {
+            if still_named(&file, path)? {
                 return Ok(file);
             }
         }
@@ -114,13 +112,19 @@ impl LocalStorage {
             };
             FileExt::lock_shared(&file)
                 .with_context(|| format!("failed to lock {}", path.display()))?;
-            let current = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-            let locked = file.metadata()?;
-            if current == Some((locked.dev(), locked.ino())) {
+            if still_named(&file, path)? {
                 return Ok(Some(file));
             }
         }
     }
+}
+
+/// True if and only if `file` is still the file under `path`: a rewrite renames a new log
+/// over the old one, so a lock taken on the old file after waiting protects nothing.
+fn still_named(file: &File, path: &Path) -> Result<bool> {
+    let current = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let locked = file.metadata()?;
+    Ok(current == Some((locked.dev(), locked.ino())))
 }
 
 /// The non-empty lines of a record log, read from its start.
